@@ -1,0 +1,1 @@
+"""HF <-> Megatron-Core checkpoint converters (one declarative mapping per model family)."""

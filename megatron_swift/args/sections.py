@@ -1,0 +1,362 @@
+"""Argument sections, one dataclass per section of the ms-swift parameter reference.
+
+Names and defaults follow ``/work/shared/SPEC.md`` and the seed reference
+(``command-line-parameters.zh.md``). A default of ``None`` on a field whose help says "derived"
+or "default: ..." is filled in by :mod:`megatron_swift.args.validate`; after parsing, code may
+trust every field. The per-command classes that compose these sections live in
+:mod:`megatron_swift.args.commands`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Union
+
+from megatron_swift.args._fields import arg, derived
+
+DTYPES = ("bfloat16", "float16", "float32")
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}
+
+
+@dataclass
+class BaseArguments:
+    seed: int = arg(42, help="Random seed (model init, dropout, data order).")
+    use_hf: bool = arg(False, help="Download models/datasets from Hugging Face instead of ModelScope.")
+    hub_token: Optional[str] = arg(None, help="Hub token for private models/datasets.")
+    model_kwargs: Optional[Dict] = arg(None, help="Extra model-specific arguments as a JSON object.")
+    custom_register_path: List[str] = arg(factory=list,
+                                          help="Python files that register custom models/templates/datasets.")
+    external_plugins: List[str] = arg(factory=list, help="Python plugin files to import before running.")
+    ddp_timeout: int = arg(18000000, gt=0, help="Timeout of collective operations, in seconds.")
+
+
+@dataclass
+class ModelArguments:
+    model: Optional[str] = arg(None, help="Model id (org/name) or local Hugging Face model directory.")
+    model_type: Optional[str] = arg(None, help="Model type; default: chosen from config.json architectures.")
+    model_revision: Optional[str] = arg(None, help="Model revision on the hub.")
+    task_type: str = arg("causal_lm", choices=("causal_lm", "seq_cls", "embedding"), help="Task type.")
+    torch_dtype: Optional[str] = arg(None, choices=DTYPES, value_aliases=DTYPE_ALIASES,
+                                     help="Weight dtype; default: read from config.json (bf16/fp16 follow it).")
+    attn_impl: Optional[str] = arg(None, choices=("flash_attn", "sdpa", "eager"),
+                                   help="Attention implementation of the HF model; default: from config.json.")
+    num_labels: Optional[int] = arg(None, ge=1, help="Number of labels (task_type seq_cls).")
+    problem_type: Optional[str] = arg(None, choices=("regression", "single_label_classification",
+                                                     "multi_label_classification"),
+                                      help="Classification problem type (task_type seq_cls).")
+    rope_scaling: Optional[Union[str, Dict]] = arg(None, help="RoPE scaling type (linear|dynamic|yarn) or a JSON "
+                                                              "object; default: from config.json.")
+    trust_remote_code: bool = arg(False, help="Allow the model's own Python code (never used while parsing).")
+    local_repo_path: Optional[str] = arg(None, help="Local clone of a GitHub repo some models need.")
+
+
+@dataclass
+class DataArguments:
+    dataset: List[str] = arg(factory=list, help="Training datasets: id_or_path[:subset][#N], space separated.")
+    val_dataset: List[str] = arg(factory=list, help="Validation datasets, same syntax as --dataset.")
+    split_dataset_ratio: float = arg(0.01, ge=0.0, lt=1.0,
+                                     help="Fraction of the training set held out for validation when no val_dataset.")
+    data_seed: int = arg(42, help="Random seed of dataset sampling/shuffling.")
+    dataset_num_proc: int = arg(1, ge=1, help="Processes for dataset preprocessing.")
+    load_from_cache_file: bool = arg(True, help="Reuse the datasets cache of preprocessed data.")
+    dataset_shuffle: bool = arg(True, help="Shuffle the training dataset.")
+    val_dataset_shuffle: bool = arg(False, help="Shuffle the validation dataset.")
+    streaming: bool = arg(False, help="Stream the datasets (needs --train_iters).")
+    interleave_prob: Optional[List[float]] = arg(None, help="Interleave datasets with these probabilities instead of "
+                                                            "concatenating.")
+    stopping_strategy: str = arg("first_exhausted", choices=("first_exhausted", "all_exhausted"),
+                                 help="When interleaving stops.")
+    shuffle_buffer_size: int = arg(1000, ge=1, help="Shuffle buffer of streaming datasets.")
+    download_mode: str = arg("reuse_dataset_if_exists", choices=("reuse_dataset_if_exists", "force_redownload"),
+                             help="Dataset download mode.")
+    columns: Optional[Dict] = arg(None, help="Column renames as a JSON object, e.g. '{\"text1\": \"query\"}'.")
+    strict: bool = arg(False, help="Raise on a bad row instead of dropping it.")
+    remove_unused_columns: bool = arg(True, help="Drop dataset columns the template does not use.")
+    model_name: Optional[List[str]] = arg(None, help="Model name (Chinese English) for self-cognition data.")
+    model_author: Optional[List[str]] = arg(None, help="Model author (Chinese English) for self-cognition data.")
+    custom_dataset_info: List[str] = arg(factory=list, help="JSON files registering custom datasets.")
+    lazy_tokenize: bool = arg(False, help="Tokenize rows when they are read instead of before training.")
+
+
+LOSS_SCALES = ("default", "last_round", "all", "ignore_empty_think", "react", "hermes", "qwen", "agentflan",
+               "alpha_umi")
+
+
+@dataclass
+class TemplateArguments:
+    template: Optional[str] = arg(None, help="Chat template; default: the model's template.")
+    system: Optional[str] = arg(None, help="System prompt (text or a .txt file); default: the template's.")
+    max_length: Optional[int] = arg(None, ge=1, help="Max tokens per sample; default: the model's max length.")
+    truncation_strategy: str = arg("delete", choices=("delete", "left", "right"),
+                                   help="What to do with samples longer than max_length.")
+    max_pixels: Optional[int] = arg(None, ge=1, help="Max pixels (H*W) of input images.")
+    agent_template: Optional[str] = arg(None, help="Agent (tool-call) template; default: from the model.")
+    use_chat_template: bool = arg(True, help="Use the chat template (true) or the generation template (false).")
+    padding_free: bool = arg(True, help="Flatten batches without padding (THD format).")
+    padding_side: str = arg("right", choices=("left", "right"), help="Padding side when padding is used.")
+    loss_scale: str = arg("default", choices=LOSS_SCALES, help="Which tokens carry loss and with what weight.")
+    response_prefix: Optional[str] = arg(None, help="Prefix of every response; default: from the template.")
+    template_backend: str = arg("swift", choices=("swift", "jinja"),
+                                help="Template backend (jinja is inference only).")
+    packing: bool = arg(False, help="Pack samples into sequences of max_length.")
+    packing_cache: Optional[str] = arg(None, help="Directory of the packing cache; default: $MODELSCOPE_CACHE.")
+
+
+@dataclass
+class ParallelArguments:
+    tensor_model_parallel_size: int = arg(1, ge=1, help="Tensor parallel size (TP).")
+    pipeline_model_parallel_size: int = arg(1, ge=1, help="Pipeline parallel size (PP).")
+    virtual_pipeline_model_parallel_size: Optional[int] = arg(None, ge=1, help="Virtual pipeline stages per rank.")
+    decoder_first_pipeline_num_layers: Optional[int] = arg(None, ge=0, help="Layers on the first pipeline stage.")
+    decoder_last_pipeline_num_layers: Optional[int] = arg(None, ge=0, help="Layers on the last pipeline stage.")
+    sequence_parallel: bool = arg(False, help="Sequence parallelism (needs TP > 1).")
+    context_parallel_size: int = arg(1, ge=1, help="Context parallel size (CP).")
+    expert_model_parallel_size: int = arg(1, ge=1, help="Expert parallel size (EP).")
+    expert_tensor_parallel_size: Optional[int] = arg(None, ge=1, help="TP size of the experts; default: TP.")
+    distributed_backend: Optional[str] = arg(None, choices=("nccl", "gloo"),
+                                             help="Collective backend; default: nccl on GPU, gloo on CPU.")
+
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "mla_up_proj")
+
+
+@dataclass
+class MegatronArguments(ParallelArguments):
+    # batch / recompute
+    micro_batch_size: int = arg(1, ge=1, help="Samples per rank per forward pass.")
+    global_batch_size: int = arg(16, ge=1, help="Samples per optimizer step (= micro x DP x grad-accum).")
+    recompute_granularity: str = arg("selective", choices=("full", "selective", "none"),
+                                     help="Activation recomputation.")
+    recompute_method: Optional[str] = arg(None, choices=("uniform", "block"), help="How full recompute splits layers.")
+    recompute_num_layers: Optional[int] = arg(None, ge=1, help="Layers per recompute unit (full recompute).")
+    recompute_modules: List[str] = arg(factory=lambda: ["core_attn"], choices=RECOMPUTE_MODULES,
+                                       help="Modules recomputed with selective recompute.")
+    deterministic_mode: bool = arg(False, help="Deterministic kernels and reductions.")
+    # length of training
+    train_iters: Optional[int] = arg(None, ge=1, help="Training iterations (or give --max_epochs).")
+    max_epochs: Optional[int] = arg(None, ge=1, help="Epochs; iterations are computed from the data.")
+    # learning rate
+    lr: Optional[float] = arg(None, gt=0.0, help="Learning rate; default: 1e-5 full, 1e-4 LoRA.")
+    lr_decay_style: str = arg("cosine", choices=("cosine", "linear", "constant"), help="LR decay.")
+    lr_decay_iters: Optional[int] = arg(None, ge=1, help="Iterations of LR decay; default: train_iters.")
+    lr_warmup_iters: int = arg(0, ge=0, help="Warmup iterations.")
+    lr_warmup_fraction: Optional[float] = arg(None, ge=0.0, le=1.0, help="Warmup as a fraction of lr_decay_iters.")
+    min_lr: float = arg(0.0, ge=0.0, help="Minimum learning rate.")
+    # regularization / optimizer
+    weight_decay: float = arg(0.1, ge=0.0, help="Weight decay.")
+    clip_grad: float = arg(1.0, ge=0.0, help="Gradient clipping by global norm (0: off).")
+    adam_beta1: float = arg(0.9, ge=0.0, lt=1.0, help="Adam beta1.")
+    adam_beta2: float = arg(0.95, ge=0.0, lt=1.0, help="Adam beta2.")
+    adam_eps: float = arg(1e-8, gt=0.0, help="Adam epsilon.")
+    sgd_momentum: float = arg(0.9, ge=0.0, help="SGD momentum.")
+    optimizer: str = arg("adam", choices=("adam", "sgd"), help="Optimizer.")
+    optimizer_cpu_offload: bool = arg(False, help="Keep optimizer states on CPU.")
+    optimizer_offload_fraction: float = arg(1.0, ge=0.0, le=1.0, help="Fraction of optimizer states offloaded.")
+    # checkpoints
+    save: Optional[str] = arg(None, help="Checkpoint directory; default: megatron_output/<model name>.")
+    add_version: bool = arg(True, help="Save under <save>/v<N>-<timestamp>/.")
+    save_interval: int = arg(500, ge=1, help="Iterations between checkpoints; always saves at the end.")
+    save_safetensors: bool = arg(False, help="Also save Hugging Face safetensors with each checkpoint.")
+    load: Optional[str] = arg(None, help="mcore checkpoint to load (parent of iter_*).")
+    finetune: bool = arg(False, help="Load weights only and reset the iteration to 0.")
+    no_save_optim: bool = arg(False, help="Do not save optimizer states.")
+    no_save_rng: bool = arg(False, help="Do not save RNG states.")
+    no_load_optim: bool = arg(False, help="Do not load optimizer states.")
+    no_load_rng: bool = arg(False, help="Do not load RNG states.")
+    ckpt_format: str = arg("torch_dist", choices=("torch_dist", "torch"), help="Checkpoint format.")
+    exit_on_missing_checkpoint: bool = arg(True, help="Fail when --load has no checkpoint.")
+    # parallelism extras
+    use_distributed_optimizer: bool = arg(True, help="Shard optimizer states across data-parallel ranks.")
+    overlap_grad_reduce: bool = arg(False, help="Overlap gradient reduce-scatter with backward.")
+    overlap_param_gather: bool = arg(False, help="Overlap parameter all-gather with forward.")
+    tp_comm_overlap: bool = arg(False, help="Overlap TP communication with GEMMs (Transformer Engine).")
+    # MoE
+    num_experts: Optional[int] = arg(None, ge=1, help="Number of experts; default: from config.json.")
+    moe_ffn_hidden_size: Optional[int] = arg(None, ge=1, help="Expert FFN size; default: from config.json.")
+    moe_shared_expert_intermediate_size: Optional[int] = arg(None, ge=1, help="Shared-expert FFN size; "
+                                                                               "default: from config.json.")
+    moe_router_topk: Optional[int] = arg(None, ge=1, help="Experts per token; default: from config.json.")
+    moe_router_pre_softmax: Optional[bool] = arg(None, help="Softmax before top-k; default: from config.json.")
+    moe_aux_loss_coeff: Optional[float] = arg(None, ge=0.0, help="Load-balancing loss weight; "
+                                                                 "default: from config.json.")
+    moe_router_dtype: Optional[str] = arg("fp32", choices=("fp32", "fp64"), help="Router dtype (none: model dtype).")
+    moe_token_dispatcher_type: str = arg("alltoall", choices=("allgather", "alltoall", "flex"),
+                                         help="Token dispatcher.")
+    moe_grouped_gemm: Optional[bool] = arg(None, help="Grouped GEMM for experts; default: when available.")
+    moe_router_load_balancing_type: str = arg("aux_loss", choices=("aux_loss", "seq_aux_loss", "sinkhorn", "none"),
+                                              help="Load balancing.")
+    moe_z_loss_coeff: Optional[float] = arg(None, ge=0.0, help="Router z-loss weight.")
+    moe_expert_capacity_factor: Optional[float] = arg(None, gt=0.0, help="Expert capacity factor (token dropping).")
+    moe_permute_fusion: bool = arg(False, help="Fused token permutation.")
+    # fusions / kernels
+    cross_entropy_loss_fusion: bool = arg(False, help="Fused cross entropy.")
+    attention_backend: str = arg("auto", choices=("flash", "fused", "unfused", "local", "auto"),
+                                 help="Attention backend.")
+    no_masked_softmax_fusion: bool = arg(False, help="Disable the masked softmax fusion.")
+    no_bias_dropout_fusion: bool = arg(False, help="Disable the bias-dropout fusion.")
+    no_bias_swiglu_fusion: bool = arg(False, help="Disable the bias-SwiGLU fusion.")
+    no_rope_fusion: bool = arg(False, help="Disable the RoPE fusion.")
+    no_gradient_accumulation_fusion: bool = arg(False, help="Disable the gradient-accumulation fusion.")
+    calculate_per_token_loss: bool = arg(True, help="Normalize the loss by tokens across the global batch.")
+    # precision
+    bf16: Optional[bool] = arg(None, help="bfloat16 training; default: follows torch_dtype.")
+    fp16: Optional[bool] = arg(None, help="float16 training; default: follows torch_dtype.")
+    attention_softmax_in_fp32: bool = arg(True, help="Attention softmax in float32.")
+    # logging / eval
+    log_interval: int = arg(5, ge=1, help="Iterations between log lines.")
+    tensorboard_dir: Optional[str] = arg(None, help="TensorBoard directory; default: <save>/runs (set by trainer).")
+    log_throughput: bool = arg(False, help="Log throughput (TFLOP/s per GPU).")
+    wandb_project: Optional[str] = arg(None, help="Weights & Biases project (enables wandb).")
+    wandb_exp_name: Optional[str] = arg(None, help="Weights & Biases run name.")
+    eval_iters: int = arg(-1, ge=-1, help="Evaluation iterations (-1: the whole validation set).")
+    eval_interval: Optional[int] = arg(None, ge=1, help="Iterations between evaluations; default: save_interval.")
+    # model shape overrides (None = derived from the HF config.json)
+    num_layers: Optional[int] = arg(None, ge=1, help="Override: number of layers.")
+    hidden_size: Optional[int] = arg(None, ge=1, help="Override: hidden size.")
+    ffn_hidden_size: Optional[int] = arg(None, ge=1, help="Override: FFN hidden size.")
+    num_attention_heads: Optional[int] = arg(None, ge=1, help="Override: attention heads.")
+    num_query_groups: Optional[int] = arg(None, ge=1, help="Override: KV heads (query groups).")
+    kv_channels: Optional[int] = arg(None, ge=1, help="Override: head dimension.")
+    rotary_base: Optional[float] = arg(None, gt=0.0, help="Override: RoPE base (rope_theta).")
+    normalization: Optional[str] = arg(None, choices=("RMSNorm", "LayerNorm"), help="Override: normalization.")
+    norm_epsilon: Optional[float] = arg(None, gt=0.0, help="Override: normalization epsilon.")
+    swiglu: Optional[bool] = arg(None, help="Override: SwiGLU MLP.")
+    untie_embeddings_and_output_weights: Optional[bool] = arg(None, help="Override: separate output layer.")
+    add_qkv_bias: Optional[bool] = arg(None, help="Override: bias on QKV.")
+    qk_layernorm: Optional[bool] = arg(None, help="Override: norm on Q and K.")
+    padded_vocab_size: Optional[int] = arg(None, ge=1, help="Override: padded vocabulary size.")
+    transformer_impl: Optional[str] = arg(None, choices=("transformer_engine", "local"),
+                                          help="Layer implementation; default: transformer_engine when installed.")
+    # training extras
+    dataloader_type: str = arg("cyclic", choices=("single", "cyclic", "external"), help="Data loader type.")
+    num_workers: int = arg(4, ge=0, help="Data loader worker processes.")
+    extra_megatron_kwargs: Optional[Dict] = arg(None, help="JSON object passed to the model config.")
+
+
+@dataclass
+class TunerArguments:
+    train_type: str = arg("full", choices=("full", "lora"), help="Full training or LoRA.")
+    lora_rank: int = arg(8, ge=1, help="LoRA rank.")
+    lora_alpha: int = arg(32, ge=1, help="LoRA alpha.")
+    lora_dropout: float = arg(0.05, ge=0.0, lt=1.0, help="LoRA dropout.")
+    lora_bias: str = arg("none", choices=("none", "all"), help="Train biases with LoRA.")
+    lora_dtype: Optional[str] = arg(None, choices=DTYPES, value_aliases=DTYPE_ALIASES,
+                                    help="dtype of LoRA weights; default: the model's.")
+    use_rslora: bool = arg(False, help="Rank-stabilized LoRA.")
+    use_dora: bool = arg(False, help="DoRA.")
+    target_modules: List[str] = arg(factory=lambda: ["all-linear"],
+                                    help="LoRA targets: all-linear, mcore names (linear_qkv ...) or HF names.")
+    target_regex: Optional[str] = arg(None, help="Regex of LoRA targets (overrides target_modules).")
+    modules_to_save: List[str] = arg(factory=list, help="Extra modules trained and saved in full.")
+    init_weights: str = arg("true", help="LoRA init: true, false, gaussian, pissa, pissa_niter_<N>.")
+    lorap_lr_ratio: Optional[float] = arg(None, gt=0.0, help="LoRA+ learning-rate ratio (B vs A).")
+    adapters: List[str] = arg(factory=list, help="HF (PEFT) adapters to load.")
+    adapter_load: Optional[str] = arg(None, help="mcore LoRA checkpoint to load.")
+    merge_lora: bool = arg(False, help="Merge LoRA into the base weights when saving.")
+    freeze_parameters: List[str] = arg(factory=list, help="Prefixes of parameters to freeze (full training).")
+    freeze_parameters_regex: Optional[str] = arg(None, help="Regex of parameters to freeze.")
+    freeze_parameters_ratio: float = arg(0.0, ge=0.0, le=1.0, help="Freeze this fraction of parameters, bottom up.")
+    trainable_parameters: List[str] = arg(factory=list, help="Prefixes of parameters kept trainable (wins over "
+                                                             "freezing).")
+    trainable_parameters_regex: Optional[str] = arg(None, help="Regex of parameters kept trainable.")
+
+
+RLHF_TYPES = ("dpo", "orpo", "simpo", "kto", "cpo", "rm", "ppo", "grpo", "gkd")
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_pair", "discopop", "apo_zero", "apo_down")
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+
+
+@dataclass
+class RLHFArguments:
+    rlhf_type: str = arg("dpo", choices=RLHF_TYPES, help="Alignment algorithm.")
+    ref_load: Optional[str] = arg(None, help="mcore checkpoint of the reference model; default: --load.")
+    ref_adapter_load: Optional[str] = arg(None, help="mcore LoRA checkpoint of the reference model.")
+    beta: Optional[float] = arg(None, ge=0.0, help="KL coefficient; default: 0.1 (simpo 2.0, grpo 0.04, gkd 0.5).")
+    rpo_alpha: Optional[float] = arg(1.0, ge=0.0, help="Weight of the SFT loss added to DPO (none: off).")
+    reference_free: bool = arg(False, help="DPO without a reference model.")
+    label_smoothing: float = arg(0.0, ge=0.0, le=0.5, help="DPO label smoothing.")
+    f_divergence_type: str = arg("reverse_kl", choices=("reverse_kl", "js_divergence", "alpha_divergence"),
+                                 help="DPO f-divergence.")
+    loss_type: Optional[str] = arg(None, help="Loss variant (TRL names); default: sigmoid (dpo), kto (kto), "
+                                              "grpo (grpo).")
+    desirable_weight: float = arg(1.0, ge=0.0, help="KTO weight of desirable responses.")
+    undesirable_weight: float = arg(1.0, ge=0.0, help="KTO weight of undesirable responses.")
+    cpo_alpha: float = arg(1.0, ge=0.0, help="NLL weight in CPO/SimPO.")
+    simpo_gamma: float = arg(1.0, help="SimPO reward margin.")
+    # generation-based algorithms (grpo, gkd, ppo)
+    max_completion_length: int = arg(512, ge=1, help="Max generated tokens (grpo/ppo/gkd).")
+    temperature: float = arg(0.9, ge=0.0, help="Sampling temperature (grpo/ppo/gkd).")
+    top_k: Optional[int] = arg(None, ge=-1, help="Sampling top-k.")
+    top_p: Optional[float] = arg(None, gt=0.0, le=1.0, help="Sampling top-p.")
+    repetition_penalty: Optional[float] = arg(None, gt=0.0, help="Sampling repetition penalty.")
+    num_generations: int = arg(8, ge=1, help="Completions per prompt (GRPO's G).")
+    generation_batch_size: Optional[int] = arg(None, ge=1, help="Completions sampled per generation step.")
+    steps_per_generation: Optional[int] = arg(None, ge=1, help="Optimizer steps per generation step.")
+    num_iterations: int = arg(1, ge=1, help="Updates per generated batch.")
+    reward_funcs: List[str] = arg(factory=list, help="Reward functions (accuracy, format, cosine, repetition, ...).")
+    reward_weights: Optional[List[float]] = arg(None, help="Weight of each reward; default: all 1.")
+    reward_model: Optional[str] = arg(None, help="Reward model id or path.")
+    teacher_model: Optional[str] = arg(None, help="Teacher model for gkd.")
+    epsilon: float = arg(0.2, ge=0.0, help="GRPO clip epsilon.")
+    epsilon_high: Optional[float] = arg(None, ge=0.0, help="GRPO upper clip epsilon.")
+    dynamic_sample: bool = arg(False, help="Resample groups whose rewards have zero spread.")
+    max_resample_times: int = arg(3, ge=0, help="Resampling limit with dynamic_sample.")
+    overlong_filter: bool = arg(False, help="Drop truncated completions from the loss.")
+    log_completions: bool = arg(False, help="Log generated completions.")
+    use_vllm: bool = arg(False, help="Generate with vLLM.")
+    vllm_mode: str = arg("colocate", choices=("colocate", "server"), help="vLLM in-process or as a server.")
+    vllm_server_host: Optional[str] = arg(None, help="vLLM server host (vllm_mode server).")
+    vllm_server_port: int = arg(8000, ge=1, le=65535, help="vLLM server port.")
+    vllm_gpu_memory_utilization: float = arg(0.9, gt=0.0, le=1.0, help="vLLM GPU memory fraction (colocate).")
+    vllm_max_model_len: Optional[int] = arg(None, ge=1, help="vLLM max model length (colocate).")
+    vllm_enforce_eager: bool = arg(False, help="vLLM eager mode (colocate).")
+    sleep_level: int = arg(0, choices=None, ge=0, le=1, help="Release vLLM memory while training (0 or 1).")
+    lmbda: float = arg(0.5, ge=0.0, le=1.0, help="GKD: fraction of student-generated data.")
+    sft_alpha: float = arg(0.0, ge=0.0, help="GKD: weight of the added SFT loss.")
+    seq_kd: bool = arg(False, help="GKD: sequence-level distillation.")
+
+
+@dataclass
+class ExportArguments:
+    to_mcore: bool = arg(False, help="Convert Hugging Face weights (--model) to an mcore checkpoint.")
+    to_hf: bool = arg(False, help="Convert an mcore checkpoint (--mcore_model) to Hugging Face weights.")
+    test_convert_precision: bool = arg(False, help="Compare HF and mcore logits after converting.")
+    merge_lora: bool = arg(False, help="Merge LoRA adapters into the base weights.")
+    mcore_model: Optional[str] = arg(None, help="mcore checkpoint directory (parent of iter_*).")
+    mcore_adapters: List[str] = arg(factory=list, help="mcore LoRA checkpoints to merge or convert.")
+    output_dir: Optional[str] = arg(None, help="Output directory; default: <model>-mcore or <mcore_model>-hf.")
+    exist_ok: bool = arg(False, help="Allow an existing output_dir (files are overwritten).")
+    thread_count: Optional[int] = arg(None, ge=1, help="Shards written with --to_mcore; default: by model size.")
+    max_shard_size: str = arg("5GB", help="Largest safetensors shard, e.g. 5GB, 500MB.")
+    safe_serialization: bool = arg(True, help="Write safetensors (false: torch .bin).")
+    push_to_hub: bool = arg(False, help="Push the result to the hub.")
+    hub_model_id: Optional[str] = arg(None, help="Hub repo to push to.")
+    hub_private_repo: bool = arg(False, help="Create the hub repo as private.")
+    commit_message: str = arg("update files", help="Hub commit message.")
+
+
+@dataclass
+class DerivedArguments:
+    """Filled by validation; not settable from the command line or a config file."""
+    command: str = derived("", help="The command (pt, sft, rlhf, export).")
+    world_size: int = derived(1, help="Ranks in the job (WORLD_SIZE, or NPROC_PER_NODE x NNODES before relaunch).")
+    data_parallel_size: int = derived(1, help="world_size / (TP x PP x CP).")
+    num_micro_batches: Optional[int] = derived(None, help="Gradient accumulation steps: "
+                                                          "global_batch_size / (micro_batch_size x DP).")
+    hf_config: Optional[Dict] = derived(None, help="config.json of a local --model (None for hub ids).")
+    model_dir: Optional[str] = derived(None, help="Absolute path of a local --model directory.")
+    explicit_args: List[str] = derived(help="Names given on the command line or in the config file.", factory=list)
+
+
+SECTION_TITLES = {
+    BaseArguments: "Base arguments",
+    ModelArguments: "Model arguments",
+    DataArguments: "Data arguments",
+    TemplateArguments: "Template arguments",
+    ParallelArguments: "Parallelism arguments",
+    MegatronArguments: "Megatron arguments",
+    TunerArguments: "Tuner (LoRA / freezing) arguments",
+    RLHFArguments: "RLHF arguments",
+    ExportArguments: "Export arguments",
+}

@@ -1,0 +1,432 @@
+"""Cross-argument validation and defaults derived from the HF ``config.json`` (stdlib only).
+
+Called once by :func:`megatron_swift.args.parse_args`, before any relaunch; fills the derived
+fields (``world_size``, ``data_parallel_size``, ``num_micro_batches``, ``hf_config``,
+``model_dir``) and the defaults that depend on other arguments, so later code can trust them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from typing import List, Mapping, Optional
+
+from megatron_swift.args.dist_env import is_torchrun_worker
+from megatron_swift.args.errors import ArgumentError
+from megatron_swift.args.sections import DPO_LOSS_TYPES, DTYPES, GRPO_LOSS_TYPES, KTO_LOSS_TYPES
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+SHARD_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+CHECKPOINT_MARKERS = ("latest_checkpointed_iteration.txt",)
+
+
+def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None) -> None:
+    """Validate ``args`` in place and fill its derived fields. Raises ArgumentError.
+
+    ``env`` (launch environment) only matters inside torchrun workers: checks that other ranks'
+    work could invalidate (an export output_dir that rank 0 already created) run on rank 0 only.
+    """
+    training = args.command in ("pt", "sft", "rlhf")
+    if training:
+        _check_training_flags(args)
+    else:
+        _check_export_flags(args)
+    _check_parallel_flags(args)
+    _resolve_model(args)
+    _resolve_dtype(args)
+    _check_world(args, world_size)
+    _check_model_shape(args)
+    if training:
+        _check_training_paths(args)
+        _resolve_training_defaults(args)
+    if args.command == "rlhf":
+        _check_rlhf(args)
+    if args.command == "export":
+        env = {} if env is None else env
+        _resolve_export(args, first_rank=not is_torchrun_worker(env) or env.get("RANK", "0") == "0")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _fmt(values) -> str:
+    return ", ".join(str(v) for v in values)
+
+
+def _text_config(cfg: Optional[dict]) -> dict:
+    """The language-model part of a (possibly multimodal) HF config."""
+    if not cfg:
+        return {}
+    for key in ("text_config", "llm_config", "language_config"):
+        sub = cfg.get(key)
+        if isinstance(sub, dict) and "num_attention_heads" not in cfg:
+            return {**cfg, **sub}
+    return cfg
+
+
+def _model_label(args) -> str:
+    return f"model '{args.model}'" if args.model else "the model"
+
+
+def _has_checkpoint(path: str) -> bool:
+    if any(os.path.isfile(os.path.join(path, m)) for m in CHECKPOINT_MARKERS):
+        return True
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return False
+    return any((e.startswith("iter_") or e == "release") and os.path.isdir(os.path.join(path, e)) for e in entries)
+
+
+def _check_checkpoint_dir(name: str, path: str, require_checkpoint: bool) -> None:
+    if not os.path.isdir(os.path.expanduser(path)):
+        raise ArgumentError(f"argument --{name}: directory '{path}' does not exist")
+    path = os.path.expanduser(path)
+    if require_checkpoint and not _has_checkpoint(path):
+        hint = ""
+        if os.path.basename(os.path.normpath(path)).startswith("iter_"):
+            hint = f"; point --{name} at its parent directory"
+        raise ArgumentError(f"argument --{name}: '{path}' holds no mcore checkpoint "
+                            f"(no latest_checkpointed_iteration.txt or iter_* directory){hint}")
+
+
+def _model_from_args_json(path: Optional[str]) -> Optional[str]:
+    """ms-swift's load_args: the ``model`` recorded in ``<checkpoint>/args.json``."""
+    if not path:
+        return None
+    file = os.path.join(os.path.expanduser(path), "args.json")
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as fh:
+            model = json.load(fh).get("model")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return model if isinstance(model, str) and model else None
+
+
+# ----------------------------------------------------------------------------------- flag checks
+
+def _check_training_flags(args) -> None:
+    if args.train_iters is not None and args.max_epochs is not None:
+        raise ArgumentError("arguments --train_iters and --max_epochs (num_train_epochs) are both given; "
+                            "give only one")
+    if args.train_iters is None and args.max_epochs is None:
+        raise ArgumentError("argument --train_iters or --max_epochs (num_train_epochs) is required")
+    if args.streaming and args.train_iters is None:
+        raise ArgumentError("argument --train_iters is required with --streaming true (a streamed dataset has no "
+                            "length, so --max_epochs cannot give the number of iterations)")
+    if args.lr_warmup_iters and args.lr_warmup_fraction is not None:
+        raise ArgumentError(f"arguments --lr_warmup_iters ({args.lr_warmup_iters}) and --lr_warmup_fraction "
+                            f"({args.lr_warmup_fraction}) are both given; give only one")
+    if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
+        raise ArgumentError("argument --recompute_granularity full needs --recompute_method (uniform|block) and "
+                            "--recompute_num_layers (e.g. --recompute_method uniform --recompute_num_layers 1)")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise ArgumentError("argument --overlap_param_gather needs --use_distributed_optimizer true and "
+                            "--overlap_grad_reduce true")
+    if args.template_backend == "jinja":
+        raise ArgumentError("argument --template_backend: 'jinja' supports inference only; use 'swift' for training")
+    if not args.dataset:
+        raise ArgumentError("argument --dataset is required for training")
+    if args.interleave_prob is not None and len(args.interleave_prob) != len(args.dataset):
+        raise ArgumentError(f"argument --interleave_prob: {len(args.interleave_prob)} probabilities for "
+                            f"{len(args.dataset)} datasets")
+    if args.train_type == "lora" and not (args.target_modules or args.target_regex):
+        raise ArgumentError("argument --target_modules: LoRA needs target modules (e.g. all-linear)")
+    if args.train_type != "lora":
+        for name in ("adapter_load", "adapters"):
+            if getattr(args, name):
+                raise ArgumentError(f"argument --{name} needs --train_type lora")
+    if args.command == "rlhf" and args.generation_batch_size is not None and args.steps_per_generation is not None:
+        raise ArgumentError("arguments --generation_batch_size and --steps_per_generation are both given; "
+                            "give only one")
+
+
+def _check_export_flags(args) -> None:
+    if args.to_mcore == args.to_hf:
+        which = "both" if args.to_mcore else "neither"
+        raise ArgumentError(f"arguments --to_mcore and --to_hf: exactly one must be true ({which} given)")
+    if not SHARD_SIZE_RE.match(args.max_shard_size.strip()):
+        raise ArgumentError(f"argument --max_shard_size: expected a size like 5GB or 500MB, "
+                            f"got {args.max_shard_size!r}")
+
+
+def _check_parallel_flags(args) -> None:
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        raise ArgumentError("argument --sequence_parallel needs --tensor_model_parallel_size > 1 "
+                            "(it splits the sequence across the TP ranks)")
+    if args.virtual_pipeline_model_parallel_size is not None and args.pipeline_model_parallel_size == 1:
+        raise ArgumentError("argument --virtual_pipeline_model_parallel_size needs "
+                            "--pipeline_model_parallel_size > 1")
+    if args.pipeline_model_parallel_size == 1:
+        for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
+            if getattr(args, name) is not None:
+                raise ArgumentError(f"argument --{name} needs --pipeline_model_parallel_size > 1")
+
+
+# ------------------------------------------------------------------------------ model / HF config
+
+def _resolve_model(args) -> None:
+    if args.model is None:
+        source = args.mcore_model if args.command == "export" else args.load
+        args.model = _model_from_args_json(source)
+    if args.model is None:
+        if args.command == "export" and args.to_hf:
+            raise ArgumentError("argument --model is required with --to_hf (the HF model whose config and "
+                                "tokenizer the output uses), unless --mcore_model has an args.json naming it")
+        raise ArgumentError("argument --model is required (a hub id like Qwen/Qwen2.5-7B-Instruct or a local "
+                            "Hugging Face model directory)")
+    path = os.path.expanduser(args.model)
+    if os.path.isdir(path):
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise ArgumentError(f"argument --model: directory '{args.model}' has no config.json")
+        try:
+            with open(cfg_file, encoding="utf-8") as fh:
+                cfg = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ArgumentError(f"argument --model: cannot read '{cfg_file}': {exc}") from None
+        if not isinstance(cfg, dict):
+            raise ArgumentError(f"argument --model: '{cfg_file}' is not a JSON object")
+        args.hf_config = cfg
+        args.model_dir = os.path.abspath(path)
+        return
+    if os.path.exists(path):
+        raise ArgumentError(f"argument --model: '{args.model}' is a file, not a model directory")
+    looks_like_path = (path.startswith(("/", ".", "~")) or "\\" in path or path.count("/") > 1)
+    if looks_like_path:
+        raise ArgumentError(f"argument --model: directory '{args.model}' does not exist")
+    if not HUB_ID_RE.match(args.model):
+        raise ArgumentError(f"argument --model: '{args.model}' is neither an existing directory nor a hub model id "
+                            f"(org/name)")
+    args.hf_config = None
+    args.model_dir = None
+
+
+def _config_dtype(cfg: dict) -> Optional[str]:
+    text = _text_config(cfg)
+    for key in ("torch_dtype", "dtype"):
+        value = text.get(key, cfg.get(key))
+        if isinstance(value, str):
+            value = value.replace("torch.", "")
+            if value in DTYPES:
+                return value
+    return "float32"  # transformers' default when config.json names none
+
+
+def _resolve_dtype(args) -> None:
+    has_flags = hasattr(args, "bf16")
+    bf16 = args.bf16 if has_flags else None
+    fp16 = args.fp16 if has_flags else None
+    if bf16 and fp16:
+        raise ArgumentError("arguments --bf16 and --fp16 are both true; give only one")
+    implied = "bfloat16" if bf16 else "float16" if fp16 else None
+    explicit_dtype = "torch_dtype" in args.explicit_args
+    if explicit_dtype and implied is not None and args.torch_dtype != implied:
+        flag = "bf16" if bf16 else "fp16"
+        raise ArgumentError(f"argument --torch_dtype {args.torch_dtype} contradicts --{flag} true")
+    if implied is not None:
+        args.torch_dtype = implied
+    elif args.torch_dtype is None and args.hf_config is not None:
+        args.torch_dtype = _config_dtype(args.hf_config)
+    if has_flags and args.torch_dtype is not None:
+        # a flag explicitly false turns the model's dtype off
+        if (bf16 is False and args.torch_dtype == "bfloat16") or (fp16 is False and args.torch_dtype == "float16"):
+            if explicit_dtype:
+                flag = "bf16" if args.torch_dtype == "bfloat16" else "fp16"
+                raise ArgumentError(f"argument --torch_dtype {args.torch_dtype} contradicts --{flag} false")
+            args.torch_dtype = "float32"
+        args.bf16 = args.torch_dtype == "bfloat16"
+        args.fp16 = args.torch_dtype == "float16"
+
+
+def _first(cfg: dict, *keys):
+    for key in keys:
+        value = cfg.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _num_experts(args) -> Optional[int]:
+    if getattr(args, "num_experts", None) is not None:
+        return args.num_experts
+    return _first(_text_config(args.hf_config), *EXPERT_KEYS)
+
+
+def _check_model_shape(args) -> None:
+    cfg = _text_config(args.hf_config)
+    tp = args.tensor_model_parallel_size
+    heads = getattr(args, "num_attention_heads", None) or _first(cfg, "num_attention_heads", "n_head")
+    kv_heads = (getattr(args, "num_query_groups", None)
+                or _first(cfg, "num_key_value_heads", "multi_query_group_num", "num_kv_heads") or heads)
+    label = _model_label(args)
+    experts = _num_experts(args)
+    ffn = getattr(args, "ffn_hidden_size", None) or _first(cfg, "intermediate_size", "ffn_hidden_size")
+    constraints = {}
+    if heads is not None:
+        constraints["num_attention_heads"] = heads
+        constraints["num_key_value_heads"] = kv_heads
+    if ffn is not None and experts is None:  # dense MLP (MoE layers are checked against EP/ETP)
+        constraints["FFN size"] = ffn
+    if any(value % tp for value in constraints.values()):
+        why = ""
+        if heads is not None and kv_heads % tp and tp > kv_heads:
+            why = "; Megatron cannot replicate KV heads, so TP may not exceed num_key_value_heads"
+        valid = _divisors(math.gcd(*constraints.values()))
+        raise ArgumentError(
+            f"argument --tensor_model_parallel_size: {tp} must divide "
+            f"{', '.join(f'{k} ({v})' for k, v in constraints.items())} of {label}{why}; "
+            f"valid tensor_model_parallel_size values: {_fmt(valid)}")
+    pp = args.pipeline_model_parallel_size
+    layers = getattr(args, "num_layers", None) or _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
+    if layers is not None and pp > 1:
+        first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+        vpp = args.virtual_pipeline_model_parallel_size or 1
+        if first is None and last is None:
+            if layers % (pp * vpp):
+                what = "pipeline_model_parallel_size" + (" x virtual_pipeline_model_parallel_size" if vpp > 1 else "")
+                raise ArgumentError(
+                    f"argument --pipeline_model_parallel_size: {what} ({pp * vpp}) must divide the number of layers "
+                    f"({layers}) of {label}; valid pipeline_model_parallel_size values: "
+                    f"{_fmt(d for d in _divisors(layers) if (layers // d) % vpp == 0)} "
+                    f"(or set --decoder_first_pipeline_num_layers / --decoder_last_pipeline_num_layers)")
+        else:
+            rest = layers - (first or 0) - (last or 0)
+            middle = pp - (first is not None) - (last is not None)
+            if rest < 0 or (middle == 0 and rest) or (middle > 0 and rest % middle):
+                raise ArgumentError(
+                    f"argument --decoder_first_pipeline_num_layers/--decoder_last_pipeline_num_layers: the other "
+                    f"{middle} pipeline stage(s) cannot split the remaining {rest} of {layers} layers evenly")
+    ep = args.expert_model_parallel_size
+    if ep > 1:
+        if experts is None and args.hf_config is not None:
+            raise ArgumentError(f"argument --expert_model_parallel_size: {ep} > 1 needs a MoE model, but {label} "
+                                f"has no experts (config.json has none of {', '.join(EXPERT_KEYS)})")
+        if experts is not None and experts % ep:
+            raise ArgumentError(f"argument --expert_model_parallel_size: {ep} must divide the number of experts "
+                                f"({experts}) of {label}; valid values: {_fmt(_divisors(experts))}")
+
+
+# ----------------------------------------------------------------------------------- world size
+
+def _check_world(args, world_size: int) -> None:
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    model_parallel = tp * pp * cp
+    if world_size % model_parallel:
+        raise ArgumentError(
+            f"arguments --tensor_model_parallel_size ({tp}) x --pipeline_model_parallel_size ({pp}) x "
+            f"--context_parallel_size ({cp}) = {model_parallel} must divide the world size {world_size} "
+            f"(NPROC_PER_NODE x NNODES, or WORLD_SIZE inside torchrun)")
+    dp = world_size // model_parallel
+    args.world_size = world_size
+    args.data_parallel_size = dp
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or tp
+    if ep > 1 or etp != tp:
+        if etp == tp and (dp * cp) % ep:
+            raise ArgumentError(
+                f"argument --expert_model_parallel_size: {ep} must divide data_parallel_size x "
+                f"context_parallel_size ({dp} x {cp} = {dp * cp}); valid values: {_fmt(_divisors(dp * cp))}")
+        if world_size % (etp * ep * pp):
+            raise ArgumentError(
+                f"argument --expert_model_parallel_size: --expert_tensor_parallel_size ({etp}) x "
+                f"--expert_model_parallel_size ({ep}) x --pipeline_model_parallel_size ({pp}) = {etp * ep * pp} "
+                f"must divide the world size ({world_size})")
+    if args.command == "export":
+        return
+    mbs, gbs = args.micro_batch_size, args.global_batch_size
+    unit = mbs * dp
+    if gbs % unit:
+        lower = (gbs // unit) * unit
+        near = [v for v in (lower, lower + unit) if v > 0]
+        mbs_ok = [m for m in range(1, gbs + 1) if gbs % (m * dp) == 0][:8]
+        alt = f"; or --micro_batch_size in {{{_fmt(mbs_ok)}}}" if mbs_ok else ""
+        raise ArgumentError(
+            f"argument --global_batch_size: {gbs} is not divisible by micro_batch_size ({mbs}) x "
+            f"data_parallel_size ({dp}) = {unit}; valid global_batch_size values near it: {_fmt(near)}{alt}")
+    args.num_micro_batches = gbs // unit
+
+
+# ------------------------------------------------------------------------------------- training
+
+def _check_training_paths(args) -> None:
+    if args.load is not None:
+        _check_checkpoint_dir("load", args.load, args.exit_on_missing_checkpoint)
+    if args.adapter_load is not None:
+        _check_checkpoint_dir("adapter_load", args.adapter_load, args.exit_on_missing_checkpoint)
+    if args.command == "rlhf":
+        if args.ref_load is not None:
+            _check_checkpoint_dir("ref_load", args.ref_load, args.exit_on_missing_checkpoint)
+        if args.ref_adapter_load is not None:
+            _check_checkpoint_dir("ref_adapter_load", args.ref_adapter_load, args.exit_on_missing_checkpoint)
+
+
+def _model_basename(model: str) -> str:
+    return os.path.basename(os.path.normpath(os.path.expanduser(model)))
+
+
+def _resolve_training_defaults(args) -> None:
+    if args.lr is None:
+        args.lr = 1e-4 if args.train_type == "lora" else 1e-5
+    if args.min_lr > args.lr:
+        raise ArgumentError(f"argument --min_lr: {args.min_lr} is larger than --lr ({args.lr})")
+    if args.save is None:
+        args.save = os.path.join("megatron_output", _model_basename(args.model))
+    if args.eval_interval is None:
+        args.eval_interval = args.save_interval
+    if args.lr_decay_iters is None and args.train_iters is not None:
+        args.lr_decay_iters = args.train_iters
+
+
+def _check_rlhf(args) -> None:
+    kind = args.rlhf_type
+    if args.beta is None:
+        args.beta = {"simpo": 2.0, "grpo": 0.04, "gkd": 0.5}.get(kind, 0.1)
+    choices = {"dpo": DPO_LOSS_TYPES, "kto": KTO_LOSS_TYPES, "grpo": GRPO_LOSS_TYPES}.get(kind)
+    if choices is not None:
+        if args.loss_type is None:
+            args.loss_type = choices[0]
+        elif args.loss_type not in choices:
+            raise ArgumentError(f"argument --loss_type: invalid choice {args.loss_type!r} for --rlhf_type {kind} "
+                                f"(choose from {', '.join(choices)})")
+    if args.ref_load is None and not args.reference_free and kind in ("dpo", "kto", "grpo", "ppo"):
+        args.ref_load = args.load
+    if kind == "grpo":
+        if not args.reward_funcs and args.reward_model is None:
+            raise ArgumentError("argument --reward_funcs (or --reward_model) is required for --rlhf_type grpo")
+        if args.num_generations < 2:
+            raise ArgumentError("argument --num_generations: GRPO needs at least 2 completions per prompt")
+        if args.reward_weights is not None:
+            expected = len(args.reward_funcs) + (args.reward_model is not None)
+            if len(args.reward_weights) != expected:
+                raise ArgumentError(f"argument --reward_weights: {len(args.reward_weights)} weights for {expected} "
+                                    f"rewards (reward_funcs + reward_model)")
+    if kind == "gkd" and args.teacher_model is None:
+        raise ArgumentError("argument --teacher_model is required for --rlhf_type gkd")
+
+
+# --------------------------------------------------------------------------------------- export
+
+def _resolve_export(args, first_rank: bool = True) -> None:
+    if args.to_hf:
+        if args.mcore_model is None:
+            raise ArgumentError("argument --mcore_model is required with --to_hf")
+        _check_checkpoint_dir("mcore_model", args.mcore_model, True)
+    for path in args.mcore_adapters:
+        _check_checkpoint_dir("mcore_adapters", path, True)
+    if args.output_dir is None:
+        if args.to_mcore:
+            base = args.model_dir or os.path.join(".", _model_basename(args.model))
+            args.output_dir = f"{os.path.normpath(base)}-mcore"
+        else:
+            args.output_dir = f"{os.path.normpath(os.path.expanduser(args.mcore_model))}-hf"
+    if first_rank and os.path.exists(os.path.expanduser(args.output_dir)) and not args.exist_ok:
+        raise ArgumentError(f"argument --output_dir: '{args.output_dir}' already exists "
+                            f"(pass --exist_ok true to overwrite)")

@@ -1,0 +1,1 @@
+"""The ``megatron`` command line (``megatron_swift.cli.main:main``)."""

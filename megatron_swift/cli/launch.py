@@ -1,0 +1,118 @@
+"""Relaunch under ``torch.distributed.run`` when ``NPROC_PER_NODE`` or ``NNODES`` is set.
+
+The launcher process validates the arguments first (world size = NPROC_PER_NODE x NNODES), then
+runs ``python -m torch.distributed.run ... -m megatron_swift.cli.main <cmd> <argv>`` and returns
+its exit code. torchrun itself exits 1 whenever a worker fails; so that ``megatron`` keeps the
+worker's own exit code (e.g. 2 for an argument error), each worker records its code in the
+directory named by ``MEGATRON_SWIFT_EXIT_CODE_DIR`` and the launcher returns the first non-zero
+one. Stdlib only: torch is imported by the workers, never here.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Mapping, Optional
+
+from megatron_swift.args.dist_env import (DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, env_int, is_torchrun_worker,
+                                          nproc_per_node, relaunch_requested, world_size_from_env)
+from megatron_swift.args.errors import ArgumentError
+
+EXIT_CODE_DIR_ENV = "MEGATRON_SWIFT_EXIT_CODE_DIR"
+
+__all__ = ["build_torchrun_command", "relaunch", "record_exit_code", "read_worker_exit_code",
+           "relaunch_requested", "is_torchrun_worker", "world_size_from_env", "EXIT_CODE_DIR_ENV"]
+
+
+def build_torchrun_command(command: str, argv: List[str], env: Optional[Mapping[str, str]] = None,
+                           python: Optional[str] = None) -> List[str]:
+    """The torchrun command line that re-runs ``megatron <command> <argv>`` (pure; reads only ``env``).
+
+    ``NPROC_PER_NODE`` (default: GPUs on this node, else 1), ``NNODES`` (1), ``NODE_RANK`` (0),
+    ``MASTER_ADDR`` (127.0.0.1), ``MASTER_PORT`` (29500).
+    """
+    env = os.environ if env is None else env
+    nnodes = env_int(env, "NNODES", 1)
+    node_rank = env_int(env, "NODE_RANK", 0, minimum=0)
+    if node_rank >= nnodes:
+        raise ArgumentError(f"environment variable NODE_RANK: {node_rank} must be smaller than NNODES ({nnodes})")
+    port = env_int(env, "MASTER_PORT", DEFAULT_MASTER_PORT)
+    if port > 65535:
+        raise ArgumentError(f"environment variable MASTER_PORT: {port} is not a port number")
+    addr = (env.get("MASTER_ADDR") or "").strip() or DEFAULT_MASTER_ADDR
+    return [python or sys.executable, "-m", "torch.distributed.run",
+            "--nproc_per_node", str(nproc_per_node(env)),
+            "--nnodes", str(nnodes),
+            "--node_rank", str(node_rank),
+            "--master_addr", addr,
+            "--master_port", str(port),
+            "-m", "megatron_swift.cli.main", command, *argv]
+
+
+def read_worker_exit_code(directory: str) -> Optional[int]:
+    """First non-zero exit code recorded by a worker (lowest local rank), or None."""
+    codes = []
+    for name in os.listdir(directory):
+        if not name.startswith("local_rank_"):
+            continue
+        try:
+            rank = int(name[len("local_rank_"):])
+            with open(os.path.join(directory, name), encoding="utf-8") as fh:
+                codes.append((rank, int(fh.read().strip())))
+        except (ValueError, OSError):
+            continue
+    for _, code in sorted(codes):
+        if code != 0:
+            return code
+    return None
+
+
+def record_exit_code(code: int, env: Optional[Mapping[str, str]] = None, wait_s: float = 5.0) -> None:
+    """Inside a relaunched worker: leave ``code`` for the launcher (no-op elsewhere).
+
+    On a non-zero code, wait up to ``wait_s`` seconds for the other local workers to record theirs:
+    torchrun terminates the remaining workers as soon as one fails, so without the wait an error
+    that every rank hits (a bad argument, a command that is not built) would be reported by
+    whichever rank happened to be first.
+    """
+    env = os.environ if env is None else env
+    directory = env.get(EXIT_CODE_DIR_ENV)
+    if not directory or not is_torchrun_worker(env) or not os.path.isdir(directory):
+        return
+    try:
+        with open(os.path.join(directory, f"local_rank_{env.get('LOCAL_RANK', '0')}"), "w", encoding="utf-8") as fh:
+            fh.write(str(int(code)))
+    except OSError:
+        return
+    try:
+        local_world = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        local_world = 1
+    deadline = time.monotonic() + wait_s
+    while code != 0 and local_world > 1 and time.monotonic() < deadline:
+        try:
+            done = sum(name.startswith("local_rank_") for name in os.listdir(directory))
+        except OSError:
+            return
+        if done >= local_world:
+            return
+        time.sleep(0.05)
+
+
+def relaunch(command: str, argv: List[str], env: Optional[Mapping[str, str]] = None) -> int:
+    """Run ``megatron <command> <argv>`` under torchrun and return its (worker's) exit code."""
+    env = dict(os.environ if env is None else env)
+    cmd = build_torchrun_command(command, argv, env)
+    with tempfile.TemporaryDirectory(prefix="megatron-swift-rc-") as directory:
+        env[EXIT_CODE_DIR_ENV] = directory
+        try:
+            rc = subprocess.call(cmd, env=env)
+        except KeyboardInterrupt:
+            return 130
+        if rc != 0:
+            worker_rc = read_worker_exit_code(directory)
+            if worker_rc is not None:
+                return worker_rc
+    return rc

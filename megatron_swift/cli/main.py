@@ -1,0 +1,94 @@
+"""``megatron <pt|sft|rlhf|export> [args...]``.
+
+Parses and validates the arguments (no torch / megatron-core import), relaunches under torchrun
+when ``NPROC_PER_NODE``/``NNODES`` ask for it, then dispatches: ``pt``/``sft`` call
+``megatron_swift.trainer.run_training(args)``; ``rlhf`` and ``export`` are not built yet.
+Argument errors print ``megatron <cmd>: error: <message>`` to stderr and exit with code 2.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from typing import List, Optional
+
+from megatron_swift import __version__
+from megatron_swift.args import (COMMANDS, ArgumentError, format_command_help, format_main_help, parse_args,
+                                 relaunch_requested)
+from megatron_swift.cli.launch import record_exit_code, relaunch
+
+NOT_BUILT = ("rlhf", "export")
+
+
+def _error(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _run_training(command: str, args) -> int:
+    try:
+        from megatron_swift.trainer import run_training
+    except ImportError as exc:
+        missing_trainer = exc.name == "megatron_swift.trainer" or "run_training" in str(exc)
+        if not missing_trainer:
+            raise
+        print(f"megatron {command}: error: the trainer (megatron_swift.trainer.run_training) is not available "
+              f"in this install: {exc}", file=sys.stderr)
+        return 1
+    result = run_training(args)
+    return result if isinstance(result, int) else 0
+
+
+def dispatch(command: str, args) -> int:
+    """Run a parsed command (in this process: the worker, or the only process)."""
+    if command in NOT_BUILT:
+        print(f"megatron {command} is not built yet in this version (see README: roadmap).", file=sys.stderr)
+        return 2
+    return _run_training(command, args)
+
+
+def run(argv: List[str]) -> int:
+    if not argv:
+        sys.stderr.write(format_main_help(__version__))
+        return _error("megatron", "a command is required (pt, sft, rlhf or export)")
+    first, rest = argv[0], argv[1:]
+    if first in ("-h", "--help", "help"):
+        sys.stdout.write(format_main_help(__version__))
+        return 0
+    if first in ("-V", "--version", "version"):
+        print(f"megatron-swift {__version__}")
+        return 0
+    if first not in COMMANDS:
+        near = difflib.get_close_matches(first, list(COMMANDS), n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        return _error("megatron", f"unknown command {first!r} (choose from {', '.join(COMMANDS)}){hint}")
+    command = first
+    if "-h" in rest or "--help" in rest:
+        sys.stdout.write(format_command_help(command))
+        return 0
+    prog = f"megatron {command}"
+    env = os.environ
+    try:
+        args = parse_args(command, rest, env=env)
+        if relaunch_requested(env):
+            return relaunch(command, rest, env)
+    except ArgumentError as exc:
+        return _error(prog, str(exc))
+    return dispatch(command, args)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    code = 1
+    try:
+        code = run(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        raise
+    finally:
+        record_exit_code(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

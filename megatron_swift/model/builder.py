@@ -1,0 +1,126 @@
+"""Builds Megatron-Core GPT models (one chunk per virtual pipeline stage) from an HF config.
+
+Layer spec: Transformer Engine's where TE imports (the platform says), otherwise megatron-core's
+local spec with the modules it lacks swapped in from ``megatron_swift.kernels`` (an RMSNorm that
+supports sequence parallelism).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from typing import Optional
+
+import torch
+
+from megatron_swift.platform import get_platform
+
+from .config import GPTSettings, transformer_config_from_hf
+
+logger = logging.getLogger(__name__)
+
+
+def _swap_modules(spec, replacements: dict):
+    """Returns a copy of a (nested) ModuleSpec / submodules dataclass with classes replaced."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if isinstance(spec, type):
+        return replacements.get(spec, spec)
+    if isinstance(spec, ModuleSpec):
+        module = spec.module
+        if isinstance(module, type):
+            module = replacements.get(module, module)
+        return dataclasses.replace(
+            spec, module=module, submodules=_swap_modules(spec.submodules, replacements),
+            params=dict(spec.params),
+        )
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_swap_modules(s, replacements) for s in spec)
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: _swap_modules(getattr(spec, f.name), replacements) for f in dataclasses.fields(spec)}
+        return dataclasses.replace(spec, **changes)
+    return spec
+
+
+def _local_replacements() -> dict:
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    from megatron_swift.kernels.norm import RMSNorm
+
+    replacements = {WrappedTorchNorm: RMSNorm}
+    try:  # apex's fused norm is what the local spec picks when apex imports
+        from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+        replacements[FusedLayerNorm] = RMSNorm
+    except ImportError:
+        pass
+    return replacements
+
+
+def decoder_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    use_te = get_platform().has_transformer_engine
+    spec = get_gpt_decoder_block_spec(
+        config, use_transformer_engine=use_te, normalization=config.normalization,
+        vp_stage=vp_stage, pp_rank=pp_rank,
+    )
+    if not use_te:
+        spec = _swap_modules(copy.copy(spec), _local_replacements())
+    return spec
+
+
+def _apply_rope_parameters(model, hf_config, settings: GPTSettings) -> None:
+    """Non-default rope (llama3, linear): inv_freq from transformers' own rope init functions."""
+    if settings.rope_parameters is None or not hasattr(model, "rotary_pos_emb"):
+        return
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope_type = settings.rope_parameters.get("rope_type", settings.rope_parameters.get("type"))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    if attention_factor not in (None, 1.0):
+        raise ValueError(f"rope type {rope_type!r} with attention_factor {attention_factor} is not supported")
+    rope = model.rotary_pos_emb
+    rope.inv_freq = inv_freq.to(rope.inv_freq.device, rope.inv_freq.dtype)
+
+
+def build_model(hf_config, overrides: Optional[dict] = None, where: str = "config.json"):
+    """Builds this rank's model chunks: ``(list[GPTModel], TransformerConfig, GPTSettings)``.
+
+    Needs ``megatron_swift.platform.init_parallel`` with the layout in ``overrides`` first.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    overrides = dict(overrides or {})
+    overrides.setdefault("tensor_model_parallel_size", ps.get_tensor_model_parallel_world_size())
+    overrides.setdefault("pipeline_model_parallel_size", ps.get_pipeline_model_parallel_world_size())
+    overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
+    overrides.setdefault("context_parallel_size", ps.get_context_parallel_world_size())
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is not None:
+        overrides.setdefault("virtual_pipeline_model_parallel_size", vpp)
+    config, settings = transformer_config_from_hf(hf_config, overrides, where)
+    for change in get_platform().adjust_model_config(config):
+        logger.info("platform: %s", change)
+
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp is not None else None
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=decoder_block_spec(config, vp_stage=stage),
+            vocab_size=settings.padded_vocab_size,
+            max_sequence_length=settings.max_sequence_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=settings.share_embeddings_and_output_weights,
+            position_embedding_type="rope",
+            rotary_base=settings.rotary_base,
+            parallel_output=True,
+            vp_stage=stage,
+        )
+        _apply_rope_parameters(model, hf_config, settings)
+        chunks.append(model.to(get_platform().device))
+    return chunks, config, settings

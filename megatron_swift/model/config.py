@@ -1,0 +1,228 @@
+"""Hugging Face ``config.json`` -> Megatron-Core ``TransformerConfig`` (+ GPTModel settings).
+
+Everything shape-related is derived from the HF config; the caller passes the run's Megatron
+settings (parallel sizes, dtype, recompute, MoE dispatcher...) as ``overrides`` named like
+TransformerConfig fields. Unknown override names are an error, not silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .families import ModelFamily, family_for
+
+MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
+
+
+@dataclass
+class GPTSettings:
+    """GPTModel constructor arguments that are not TransformerConfig fields."""
+
+    vocab_size: int  # the HF vocab size
+    padded_vocab_size: int  # divisible by 128 x TP (Megatron convention)
+    max_sequence_length: int
+    share_embeddings_and_output_weights: bool
+    rotary_base: float
+    # The HF rope parameters when they are not the plain "default" rope (e.g. llama3 scaling);
+    # the builder then takes inv_freq from transformers' own rope init for exactly these.
+    rope_parameters: Optional[dict]
+    family: ModelFamily
+
+
+def load_hf_config(model_dir: str, trust_remote_code: bool = False):
+    """Reads ``config.json`` through transformers (remote code only when asked)."""
+    from transformers import AutoConfig
+
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--model {model_dir!r}: no config.json in that directory")
+    with open(path) as f:
+        try:
+            json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def _rope(hf_config) -> tuple[float, Optional[dict]]:
+    """(rope_theta, non-default rope parameters) across transformers 4 and 5 config layouts."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:  # transformers 4: rope_theta + rope_scaling
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    theta = float(params.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in ("llama3", "linear"):
+        raise ValueError(
+            f"config.json: rope type {rope_type!r} is not supported yet (supported: default, llama3, linear)"
+        )
+    return theta, dict(params)
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
+    multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * tensor_model_parallel_size
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def _moe_layer_pattern(hf_config) -> Any:
+    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
+    pattern = [
+        0 if (i in dense or (i + 1) % step != 0) else 1 for i in range(hf_config.num_hidden_layers)
+    ]
+    return 1 if all(pattern) else pattern
+
+
+def _moe_fields(hf_config, family: ModelFamily) -> dict:
+    if family.moe is None:
+        return {}
+    if family.moe == "mixtral":
+        num_experts = hf_config.num_local_experts
+        expert_ffn = hf_config.intermediate_size
+        normalize_topk = True  # softmax over the top-k logits
+    else:
+        num_experts = hf_config.num_experts
+        expert_ffn = hf_config.moe_intermediate_size
+        normalize_topk = bool(getattr(hf_config, "norm_topk_prob", False))
+    fields = dict(
+        num_moe_experts=num_experts,
+        moe_ffn_hidden_size=expert_ffn,
+        moe_router_topk=hf_config.num_experts_per_tok,
+        # HF: softmax over all experts, top-k, renormalise iff norm_topk_prob. Megatron's
+        # default (softmax over the top-k logits) equals the renormalised form; pre_softmax
+        # reproduces the un-normalised one.
+        moe_router_pre_softmax=not normalize_topk,
+        moe_aux_loss_coeff=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
+        moe_router_load_balancing_type="aux_loss",
+        moe_router_dtype="fp32",
+        moe_token_dispatcher_type="alltoall",
+        moe_layer_freq=_moe_layer_pattern(hf_config),
+    )
+    if family.moe == "qwen2_moe":
+        fields.update(
+            moe_shared_expert_intermediate_size=hf_config.shared_expert_intermediate_size,
+            moe_shared_expert_gate=True,
+        )
+    return fields
+
+
+def _check_supported(hf_config, where: str) -> None:
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{where}: hidden_act {act!r} is not supported (only silu/SwiGLU)")
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError(f"{where}: use_sliding_window=true is not supported")
+
+
+def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, where: str = "config.json"):
+    """Returns ``(TransformerConfig, GPTSettings)`` for an HF config and run overrides.
+
+    ``overrides`` keys are TransformerConfig field names (``tensor_model_parallel_size``,
+    ``sequence_parallel``, ``params_dtype``, ``moe_token_dispatcher_type``, ...); an unknown key
+    raises ``ValueError`` naming it.
+    """
+    from megatron.core.transformer import TransformerConfig
+
+    family = family_for(hf_config.model_type, where)
+    _check_supported(hf_config, where)
+    overrides = dict(overrides or {})
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    qkv_bias = family.qkv_bias
+    if isinstance(qkv_bias, str):
+        qkv_bias = bool(getattr(hf_config, qkv_bias, False))
+    theta, rope_parameters = _rope(hf_config)
+
+    fields = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=num_heads,
+        num_query_groups=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        kv_channels=head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=qkv_bias,
+        qk_layernorm=family.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        # fusions follow the platform (adjusted later); megatron's own defaults are off
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        use_cpu_initialization=True,
+    )
+    fields.update(_moe_fields(hf_config, family))
+
+    settings_keys = {"padded_vocab_size", "max_sequence_length"}
+    settings_overrides = {k: overrides.pop(k) for k in list(overrides) if k in settings_keys}
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown Megatron model setting(s): {', '.join(unknown)}")
+    fields.update(overrides)
+    dtype = fields.get("params_dtype", torch.float32)
+    fields.setdefault("bf16", dtype == torch.bfloat16)
+    fields.setdefault("fp16", dtype == torch.float16)
+    fields.setdefault("pipeline_dtype", dtype)
+
+    tp = fields.get("tensor_model_parallel_size", 1)
+    _check_divisible(fields, tp, where)
+    config = TransformerConfig(**fields)
+
+    vocab = hf_config.vocab_size
+    settings = GPTSettings(
+        vocab_size=vocab,
+        padded_vocab_size=settings_overrides.get("padded_vocab_size") or padded_vocab_size(vocab, tp),
+        max_sequence_length=settings_overrides.get("max_sequence_length")
+        or getattr(hf_config, "max_position_embeddings", 4096),
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        rotary_base=theta,
+        rope_parameters=rope_parameters,
+        family=family,
+    )
+    if settings.padded_vocab_size % tp or settings.padded_vocab_size < vocab:
+        raise ValueError(
+            f"padded_vocab_size {settings.padded_vocab_size} must be >= vocab_size {vocab} and "
+            f"divisible by tensor_model_parallel_size {tp}"
+        )
+    return config, settings
+
+
+def _valid_sizes(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _check_divisible(fields: dict, tp: int, where: str) -> None:
+    heads, groups = fields["num_attention_heads"], fields["num_query_groups"]
+    for name, n in (("num_attention_heads", heads), ("num_key_value_heads", groups)):
+        if n % tp:
+            valid = [d for d in _valid_sizes(heads) if groups % d == 0]
+            raise ValueError(
+                f"tensor_model_parallel_size={tp} does not divide {name}={n} ({where}); "
+                f"valid tensor_model_parallel_size values: {valid}"
+            )
+    experts = fields.get("num_moe_experts")
+    ep = fields.get("expert_model_parallel_size", 1)
+    if experts and experts % ep:
+        raise ValueError(
+            f"expert_model_parallel_size={ep} does not divide num_experts={experts} ({where}); "
+            f"valid expert_model_parallel_size values: {_valid_sizes(experts)}"
+        )

@@ -1,0 +1,100 @@
+"""Wraps built model chunks for training: megatron DDP + megatron's optimizer.
+
+Both are megatron-core's own (``DistributedDataParallel``, ``get_megatron_optimizer``); this
+module only fills their configs from our settings and wires the hooks the schedules call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class OptimizerSettings:
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    sgd_momentum: float = 0.9
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+
+
+def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=settings.overlap_grad_reduce,
+        overlap_param_gather=settings.overlap_param_gather,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+        bucket_size=None,
+        average_in_collective=False,
+    )
+    return [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk,
+            # one bucket per chunk keeps CPU runs simple; only the first chunk overlaps
+            disable_bucketing=(i > 0),
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings):
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    opt_config = OptimizerConfig(
+        optimizer=settings.optimizer,
+        lr=settings.lr,
+        min_lr=settings.min_lr,
+        weight_decay=settings.weight_decay,
+        adam_beta1=settings.adam_beta1,
+        adam_beta2=settings.adam_beta2,
+        adam_eps=settings.adam_eps,
+        sgd_momentum=settings.sgd_momentum,
+        clip_grad=settings.clip_grad,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        params_dtype=config.params_dtype,
+        use_distributed_optimizer=settings.use_distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    # The hooks megatron's schedules call: grad sync/scaling after the last microbatch, loss
+    # scaling for fp16, and no_sync across microbatches.
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [chunk.no_sync for chunk in ddp_chunks]
+    if len(ddp_chunks) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+    return optimizer
+
+
+def zero_grads(ddp_chunks: list, optimizer) -> None:
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def model_parameters(ddp_chunks: list) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for chunk in ddp_chunks for name, p in unwrap(chunk).named_parameters()]
+
+
+def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    return getattr(param, "main_grad", None) if getattr(param, "main_grad", None) is not None else param.grad

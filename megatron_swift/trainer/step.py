@@ -1,0 +1,98 @@
+"""One training step over megatron-core's own pipeline schedules.
+
+A micro batch is a dict of ``[micro_batch_size, seq]`` tensors: ``input_ids``, ``labels``
+(already shifted: ``labels[t]`` is the target for position ``t``; -100 = no loss) and
+``position_ids``. The loss is a sum over loss tokens plus the token count; megatron's schedule
+and ``finalize_model_grads`` turn that into a per-token mean over the whole global batch
+(``calculate_per_token_loss``) or a per-microbatch mean, so every parallel layout optimises the
+same objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Optional
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float()
+    mask = loss_mask.to(losses.dtype)
+    loss_sum = (losses * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum().detach()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator: Iterator[dict], model):
+    batch = next(data_iterator)
+    labels = batch["labels"]
+    loss_mask = labels.ne(IGNORE_INDEX)
+    output = model(
+        batch["input_ids"],
+        batch["position_ids"],
+        attention_mask=None,
+        labels=labels.clamp(min=0),
+        packed_seq_params=batch.get("packed_seq_params"),
+    )
+    return output, partial(loss_func, loss_mask)
+
+
+@dataclass
+class StepResult:
+    loss: float  # per-token mean over the global batch
+    num_tokens: int  # loss tokens in the global batch
+    grad_norm: Optional[float] = None
+    update_successful: bool = True
+
+
+def _global_loss(losses_reduced: list) -> tuple[float, int]:
+    """Sums (loss_sum, tokens) over microbatches, the pipeline (only the last stage has them)
+    and data-parallel ranks, so every rank returns the same global numbers."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_swift.platform import get_platform
+
+    totals = torch.zeros(2, dtype=torch.float64, device=get_platform().device)
+    for item in losses_reduced:
+        totals += item["lm loss"].to(totals)
+    torch.distributed.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
+    loss_sum, tokens = totals.tolist()
+    return loss_sum / max(tokens, 1.0), int(tokens)
+
+
+def forward_backward(ddp_chunks: list, data_iterators, num_microbatches: int, seq_length: int,
+                     micro_batch_size: int, forward_only: bool = False) -> StepResult:
+    """Forward + backward of all microbatches (grads finalized: DP-reduced and token-scaled)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if len(ddp_chunks) > 1 and not isinstance(data_iterators, list):
+        raise ValueError("virtual pipeline needs one data iterator per model chunk")
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data_iterators,
+        model=ddp_chunks,
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    loss, tokens = _global_loss(losses)
+    return StepResult(loss=loss, num_tokens=tokens)
+
+
+def train_step(ddp_chunks: list, optimizer, data_iterators, num_microbatches: int, seq_length: int,
+               micro_batch_size: int) -> StepResult:
+    from .model_setup import zero_grads
+
+    zero_grads(ddp_chunks, optimizer)
+    result = forward_backward(ddp_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size)
+    update_successful, grad_norm, _ = optimizer.step()
+    result.update_successful = bool(update_successful)
+    result.grad_norm = None if grad_norm is None else float(grad_norm)
+    return result

@@ -1,0 +1,48 @@
+"""Test helpers: launching real multi-process (gloo) jobs and scripts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_checked(cmd: list, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or worker_env(),
+                          cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+            f"--- stdout (tail) ---\n{proc.stdout[-4000:]}\n--- stderr (tail) ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def torchrun(script: Path, nproc: int, args: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Runs ``script`` as ``nproc`` real processes over gloo (torch.distributed.run)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(script), *map(str, args)]
+    return run_checked(cmd, timeout)
+
+
+def python_script(script: Path, args: list, timeout: int = 300) -> subprocess.CompletedProcess:
+    return run_checked([sys.executable, str(script), *map(str, args)], timeout)
