@@ -102,8 +102,6 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
     if vpp is not None:
         overrides.setdefault("virtual_pipeline_model_parallel_size", vpp)
     config, settings = transformer_config_from_hf(hf_config, overrides, where)
-    for change in get_platform().adjust_model_config(config):
-        logger.info("platform: %s", change)
 
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -17,7 +18,11 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_swift.platform import get_platform
+
 from .families import ModelFamily, family_for
+
+logger = logging.getLogger(__name__)
 
 MAKE_VOCAB_SIZE_DIVISIBLE_BY = 128
 
@@ -171,7 +176,8 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
     )
     fields.update(_moe_fields(hf_config, family))
 
-    settings_keys = {"padded_vocab_size", "max_sequence_length"}
+    settings_keys = {"padded_vocab_size", "max_sequence_length", "rotary_base",
+                     "share_embeddings_and_output_weights"}
     settings_overrides = {k: overrides.pop(k) for k in list(overrides) if k in settings_keys}
     known = {f.name for f in dataclasses.fields(TransformerConfig)}
     unknown = sorted(set(overrides) - known)
@@ -185,6 +191,8 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
 
     tp = fields.get("tensor_model_parallel_size", 1)
     _check_divisible(fields, tp, where)
+    for change in get_platform().adjust_model_fields(fields):
+        logger.info("platform: %s", change)
     config = TransformerConfig(**fields)
 
     vocab = hf_config.vocab_size
@@ -193,8 +201,9 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
         padded_vocab_size=settings_overrides.get("padded_vocab_size") or padded_vocab_size(vocab, tp),
         max_sequence_length=settings_overrides.get("max_sequence_length")
         or getattr(hf_config, "max_position_embeddings", 4096),
-        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        rotary_base=theta,
+        share_embeddings_and_output_weights=settings_overrides.get(
+            "share_embeddings_and_output_weights", bool(getattr(hf_config, "tie_word_embeddings", False))),
+        rotary_base=settings_overrides.get("rotary_base") or theta,
         rope_parameters=rope_parameters,
         family=family,
     )

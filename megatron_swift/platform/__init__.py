@@ -51,31 +51,33 @@ class Platform:
             return False
         return True
 
-    def adjust_model_config(self, config) -> list[str]:
-        """Replaces settings this machine cannot run with ones it can; returns what changed.
+    def adjust_model_fields(self, fields: dict) -> list[str]:
+        """Replaces TransformerConfig settings this machine cannot run; returns what changed.
 
-        On CPU megatron-core 0.16's alltoall MoE dispatcher hands split sizes to gloo as tensors
-        (a TypeError in the binding), so MoE uses the allgather dispatcher, which gives the same
-        numbers. Fused kernels (TE/apex/triton) do not exist on CPU. Batched p2p
-        (``batch_isend_irecv``) over gloo delivered wrong activations to later microbatches in the
-        interleaved (virtual) pipeline schedule with tied embeddings (measured: microbatches 3+
-        differed from a single process); unbatched p2p matches exactly.
+        Called on the field dict before ``TransformerConfig`` is constructed (its validation
+        rejects fusions whose kernels are missing). On CPU: no fused kernels (TE/apex/triton);
+        megatron-core 0.16's alltoall MoE dispatcher hands split sizes to gloo as tensors (a
+        TypeError in the binding), so MoE uses the allgather dispatcher, which gives the same
+        numbers; batched p2p (``batch_isend_irecv``) over gloo delivered wrong activations to later
+        microbatches in the interleaved (virtual) pipeline schedule with tied embeddings
+        (measured: microbatches 3+ differed from a single process), unbatched p2p matches exactly.
         """
         changes = []
         if self.is_cuda:
             return changes
-        if getattr(config, "num_moe_experts", None) and config.moe_token_dispatcher_type == "alltoall":
-            config.moe_token_dispatcher_type = "allgather"
-            changes.append("moe_token_dispatcher_type alltoall -> allgather (alltoall needs CUDA here)")
-        if getattr(config, "batch_p2p_comm", False):
-            config.batch_p2p_comm = False
-            changes.append("batch_p2p_comm off (batched p2p over gloo misroutes interleaved-pipeline messages)")
-        for flag in ("gradient_accumulation_fusion", "bias_swiglu_fusion", "bias_dropout_fusion",
+
+        def force(name, value, why):
+            if fields.get(name) not in (None, value):
+                changes.append(f"{name} {fields.get(name)} -> {value} ({why})")
+            fields[name] = value
+
+        if fields.get("num_moe_experts") and fields.get("moe_token_dispatcher_type") in ("alltoall", "flex"):
+            force("moe_token_dispatcher_type", "allgather", "alltoall/flex need CUDA in megatron-core 0.16")
+        force("batch_p2p_comm", False, "batched p2p over gloo misroutes interleaved-pipeline messages")
+        for flag in ("gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion",
                      "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm",
-                     "moe_permute_fusion", "moe_grouped_gemm"):
-            if getattr(config, flag, False):
-                setattr(config, flag, False)
-                changes.append(f"{flag} off (no fused kernels on CPU)")
+                     "moe_permute_fusion", "moe_grouped_gemm", "cross_entropy_loss_fusion"):
+            force(flag, False, "no fused kernels on CPU")
         return changes
 
 

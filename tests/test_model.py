@@ -1,0 +1,120 @@
+"""HF config -> Megatron-Core model: each family builds, runs forward/backward on CPU (world size 1),
+and its settings follow the HF config. Oracles: transformers' own modules (RMSNorm, rope init)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from megatron_swift.model import build_model, padded_vocab_size, transformer_config_from_hf
+from megatron_swift.model.families import UnsupportedModelError
+from megatron_swift.model.tiny import TINY_OVERRIDES, TINY_VOCAB, tiny_hf_config
+
+FAMILIES = sorted(TINY_OVERRIDES)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_forward_backward_world_size_1(megatron_world1, family):
+    torch.manual_seed(0)
+    chunks, config, settings = build_model(tiny_hf_config(family))
+    (model,) = chunks
+    ids = torch.randint(0, TINY_VOCAB, (2, 16))
+    pos = torch.arange(16).unsqueeze(0).expand(2, -1)
+    losses = model(ids, pos, attention_mask=None, labels=ids)
+    assert losses.shape == (2, 16)
+    # a random-init model predicts ~uniformly over the padded vocab
+    assert abs(losses.mean().item() - math.log(settings.padded_vocab_size)) < 0.2
+    losses.mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if "router" not in name:  # unused experts may legitimately get no gradient
+            assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+    logits = model(ids, pos, attention_mask=None)
+    assert logits.shape == (2, 16, settings.padded_vocab_size)
+
+
+def test_family_settings_follow_hf_config():
+    cfg, st = transformer_config_from_hf(tiny_hf_config("qwen2"))
+    assert cfg.add_qkv_bias and not cfg.qk_layernorm and cfg.num_query_groups == 2
+    cfg, st = transformer_config_from_hf(tiny_hf_config("qwen3"))
+    assert cfg.qk_layernorm and not cfg.add_qkv_bias and cfg.kv_channels == 32
+    cfg, st = transformer_config_from_hf(tiny_hf_config("llama", attention_bias=True, tie_word_embeddings=True))
+    assert cfg.add_qkv_bias and st.share_embeddings_and_output_weights
+    cfg, _ = transformer_config_from_hf(tiny_hf_config("qwen2_moe"))
+    assert cfg.num_moe_experts == 4 and cfg.moe_shared_expert_gate and cfg.moe_shared_expert_intermediate_size == 64
+    assert cfg.moe_router_pre_softmax  # norm_topk_prob=False: softmax over all experts, no renormalisation
+    cfg, _ = transformer_config_from_hf(tiny_hf_config("qwen3_moe"))
+    assert not cfg.moe_router_pre_softmax and cfg.moe_ffn_hidden_size == 32 and cfg.moe_router_topk == 2
+    cfg, _ = transformer_config_from_hf(tiny_hf_config("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[1]))
+    assert cfg.moe_layer_freq == [1, 0, 1, 1]
+    cfg, _ = transformer_config_from_hf(tiny_hf_config("llama"), {"rotary_base": 5.0, "hidden_dropout": 0.1})
+    assert cfg.hidden_dropout == 0.1
+
+
+def test_rope_theta_and_llama3_scaling_match_transformers(megatron_world1):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf = tiny_hf_config("llama", rope_theta=500000.0, max_position_embeddings=16384, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    (model,), _, settings = build_model(hf)
+    assert settings.rotary_base == 500000.0
+    expected = LlamaRotaryEmbedding(hf).inv_freq
+    torch.testing.assert_close(model.rotary_pos_emb.inv_freq, expected, rtol=1e-6, atol=0)
+    (plain,), _, _ = build_model(tiny_hf_config("llama", rope_theta=500000.0))
+    torch.testing.assert_close(plain.rotary_pos_emb.inv_freq, LlamaRotaryEmbedding(tiny_hf_config(
+        "llama", rope_theta=500000.0)).inv_freq, rtol=1e-6, atol=0)
+
+
+def test_vocab_padding_for_tensor_parallel():
+    assert padded_vocab_size(1000, 1) == 1024
+    assert padded_vocab_size(1000, 2) == 1024
+    assert padded_vocab_size(1000, 4) == 1024
+    assert padded_vocab_size(1025, 2) == 1280
+    assert padded_vocab_size(151936, 8) == 152576
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedModelError, match="gpt2.*supported model types: llama, mixtral, qwen2"):
+        transformer_config_from_hf(GPT2Config())
+
+
+def test_tensor_parallel_must_divide_heads():
+    with pytest.raises(ValueError, match=r"tensor_model_parallel_size=4 does not divide num_key_value_heads=2.*\[1, 2\]"):
+        transformer_config_from_hf(tiny_hf_config("qwen3"), {"tensor_model_parallel_size": 4})
+    with pytest.raises(ValueError, match=r"expert_model_parallel_size=3 does not divide num_experts=4"):
+        transformer_config_from_hf(tiny_hf_config("qwen3_moe"), {"expert_model_parallel_size": 3})
+
+
+def test_unknown_override_is_rejected():
+    with pytest.raises(ValueError, match="unknown Megatron model setting.*not_a_field"):
+        transformer_config_from_hf(tiny_hf_config("llama"), {"not_a_field": 1})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_transformers(dtype):
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from megatron_swift.kernels.norm import RMSNorm
+
+    cfg, _ = transformer_config_from_hf(tiny_hf_config("qwen2"), {"sequence_parallel": False})
+    ours = RMSNorm(cfg, 64, eps=1e-6)
+    ref = Qwen2RMSNorm(64, eps=1e-6)
+    with torch.no_grad():
+        w = torch.randn(64)
+        ours.weight.copy_(w)
+        ref.weight.copy_(w)
+    x = torch.randn(3, 5, 64, dtype=dtype)
+    torch.testing.assert_close(ours.to(dtype)(x), ref.to(dtype)(x), rtol=0, atol=0)
+
+
+def test_rms_norm_marks_weight_for_sequence_parallel_grad_reduce():
+    from megatron_swift.kernels.norm import RMSNorm
+
+    cfg, _ = transformer_config_from_hf(tiny_hf_config("qwen2"), {"tensor_model_parallel_size": 2,
+                                                                 "sequence_parallel": True})
+    assert RMSNorm(cfg, 64).weight.sequence_parallel is True
