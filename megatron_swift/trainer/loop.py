@@ -1,101 +1,127 @@
-"""The training loop, top to bottom: set up, then step / log until ``train_iters``.
+"""The training loop, top to bottom: step, log, save, until ``train_iters``.
 
 Everything heavy is a small component: platform (process groups), model (HF config -> mcore),
-model_setup (DDP + optimizer), lr_schedule, step (megatron's schedules), metrics (logs).
+model_setup (DDP + optimizer), lr_schedule, step (megatron's schedules), metrics (logs),
+checkpoint (atomic dist checkpoints). The loop itself only sequences them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import torch
 
-from megatron_swift.platform import get_platform, init_parallel
+from megatron_swift.platform import get_platform
 
-from . import options
-from .lr_schedule import build_scheduler
+from .checkpoint import save_checkpoint
 from .metrics import MetricsLogger
-from .model_setup import build_optimizer, wrap_ddp
-from .step import StepResult, train_step
+from .step import StepResult, forward_backward, train_step
 
 logger = logging.getLogger("megatron_swift")
 
 
 @dataclass
+class LoopSettings:
+    train_iters: int
+    micro_batch_size: int
+    seq_length: int
+    log_interval: int = 5
+    save_dir: Optional[str] = None
+    save_interval: Optional[int] = None
+    save_optim: bool = True
+    save_rng: bool = True
+    tensorboard_dir: Optional[str] = None
+    eval_interval: Optional[int] = None
+
+
+@dataclass
 class TrainState:
     iteration: int = 0
+    losses: list = field(default_factory=list)
     last: Optional[StepResult] = None
 
 
-# A batch source yields, for each optimizer step, this data-parallel rank's list of micro
-# batches (dicts in the format of trainer/step.py).
-BatchSource = Callable[[], Iterator[list]]
+# For step ``i`` (0-based, global), this data-parallel rank's list of micro batches (dicts in the
+# format of trainer/step.py). Indexing by step makes resuming at any step exact.
+BatchesForStep = Callable[[int], list]
+# Returns the validation micro batches for this rank (a finite list of lists), or None.
+EvalBatches = Optional[Callable[[], Iterator[list]]]
 
 
 def is_logging_rank() -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def write_args_json(args, save_dir: str) -> None:
-    if not is_logging_rank():
-        return
-    os.makedirs(save_dir, exist_ok=True)
-    data = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
-    tmp = os.path.join(save_dir, "args.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, os.path.join(save_dir, "args.json"))
+def _iterators(ddp_chunks: list, microbatches: list):
+    return [iter(microbatches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(microbatches)
 
 
 def _real_tokens(microbatches: list) -> int:
     return sum(int(mb.get("num_real_tokens", mb["input_ids"].numel())) for mb in microbatches)
 
 
-def setup_model(args, hf_config):
-    """Process groups, model chunks, DDP, optimizer and LR schedule for ``args``."""
-    from megatron_swift.model import build_model
+def _dp_sum(value: int) -> int:
+    from megatron.core import parallel_state as ps
 
-    init_parallel(options.parallel_layout(args), seed=args.seed)
-    chunks, config, settings = build_model(hf_config, options.model_overrides(args),
-                                           where=os.path.join(args.model_dir or str(args.model), "config.json"))
-    opt_settings = options.optimizer_settings(args)
-    ddp_chunks = wrap_ddp(chunks, config, opt_settings)
-    optimizer = build_optimizer(ddp_chunks, config, opt_settings)
-    return ddp_chunks, optimizer, config, settings
+    t = torch.tensor([value], dtype=torch.int64, device=get_platform().device)
+    torch.distributed.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return int(t.item())
 
 
-def train(args, ddp_chunks, optimizer, batches: Iterator[list], train_iters: int, seq_length: int,
-          save_dir: Optional[str]) -> TrainState:
-    scheduler = build_scheduler(optimizer, args, train_iters)
-    metrics = MetricsLogger(
-        save_dir=save_dir,
-        tensorboard_dir=args.tensorboard_dir or (os.path.join(save_dir, "runs") if save_dir else None),
-        total_iters=train_iters, log_interval=args.log_interval, enabled=is_logging_rank(),
-    )
-    state = TrainState()
+def evaluate(ddp_chunks: list, eval_batches: Callable[[], Iterator[list]], settings: LoopSettings) -> float:
+    for chunk in ddp_chunks:
+        chunk.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for microbatches in eval_batches():
+            result = forward_backward(ddp_chunks, _iterators(ddp_chunks, microbatches), len(microbatches),
+                                      settings.seq_length, settings.micro_batch_size, forward_only=True)
+            loss_sum += result.loss * result.num_tokens
+            tokens += result.num_tokens
+    for chunk in ddp_chunks:
+        chunk.train()
+    return loss_sum / max(tokens, 1)
+
+
+def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForStep, settings: LoopSettings,
+          start_iteration: int = 0, eval_batches: EvalBatches = None) -> TrainState:
+    metrics = MetricsLogger(save_dir=settings.save_dir, tensorboard_dir=settings.tensorboard_dir,
+                            total_iters=settings.train_iters, log_interval=settings.log_interval,
+                            enabled=is_logging_rank(), start_iter=start_iteration)
+    state = TrainState(iteration=start_iteration)
     if is_logging_rank():
-        logger.info("training %d iterations on %s (%s), world size %d", train_iters,
-                    get_platform().device_type, get_platform().backend, torch.distributed.get_world_size())
+        platform = get_platform()
+        logger.info("training iterations %d..%d on %s/%s, world size %d", start_iteration + 1,
+                    settings.train_iters, platform.device_type, platform.backend, torch.distributed.get_world_size())
+
+    def save():
+        save_checkpoint(settings.save_dir, state.iteration, ddp_chunks, optimizer, scheduler,
+                        data_state={"consumed_steps": state.iteration},
+                        save_optim=settings.save_optim, save_rng=settings.save_rng)
+        if is_logging_rank():
+            logger.info("saved checkpoint iteration %d in %s", state.iteration, settings.save_dir)
+
     try:
-        while state.iteration < train_iters:
-            microbatches = next(batches)
-            iterators = ([iter(microbatches) for _ in ddp_chunks] if len(ddp_chunks) > 1
-                         else iter(microbatches))
-            result = train_step(ddp_chunks, optimizer, iterators, len(microbatches), seq_length,
-                                args.micro_batch_size)
+        while state.iteration < settings.train_iters:
+            microbatches = batches_for_step(state.iteration)
+            result = train_step(ddp_chunks, optimizer, _iterators(ddp_chunks, microbatches), len(microbatches),
+                                settings.seq_length, settings.micro_batch_size)
+            lr = optimizer.param_groups[0]["lr"]  # the lr this step used
             scheduler.step(increment=1)
             state.iteration += 1
             state.last = result
-            real = torch.tensor([_real_tokens(microbatches)], dtype=torch.int64, device=get_platform().device)
-            from megatron.core import parallel_state as ps
-
-            torch.distributed.all_reduce(real, group=ps.get_data_parallel_group())
-            metrics.step(state.iteration, result.loss, optimizer.param_groups[0]["lr"], result.grad_norm,
-                         int(real.item()), result.num_tokens)
+            state.losses.append(result.loss)
+            metrics.step(state.iteration, result.loss, lr, result.grad_norm,
+                         _dp_sum(_real_tokens(microbatches)), result.num_tokens)
+            if eval_batches and settings.eval_interval and state.iteration % settings.eval_interval == 0:
+                metrics.eval(state.iteration, evaluate(ddp_chunks, eval_batches, settings))
+            if (settings.save_dir and settings.save_interval and state.iteration % settings.save_interval == 0
+                    and state.iteration < settings.train_iters):
+                save()
+        if settings.save_dir:
+            save()  # always at the end
     finally:
         metrics.close()
     return state
