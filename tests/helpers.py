@@ -39,10 +39,38 @@ def run_checked(cmd: list, timeout: int = 300, env: dict | None = None) -> subpr
 
 def torchrun(script: Path, nproc: int, args: list, timeout: int = 300) -> subprocess.CompletedProcess:
     """Runs ``script`` as ``nproc`` real processes over gloo (torch.distributed.run)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(script), *map(str, args)]
-    return run_checked(cmd, timeout)
+    return run_checked(torchrun_cmd(script, nproc, args), timeout)
 
 
 def python_script(script: Path, args: list, timeout: int = 300) -> subprocess.CompletedProcess:
     return run_checked([sys.executable, str(script), *map(str, args)], timeout)
+
+
+def run_killable(cmd: list, timeout: int = 300) -> int:
+    """Runs a command that is expected to SIGKILL itself; reaps everything it left behind.
+
+    megatron's dist-checkpointing starts a multiprocessing manager that outlives a SIGKILLed
+    parent and keeps inherited pipes open, so the job runs in its own session with output to a
+    file, and the whole process group is killed afterwards.
+    """
+    import signal
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=worker_env(), cwd=REPO,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.seek(0)
+        run_killable.last_output = log.read()[-6000:]
+    return code
+
+
+def torchrun_cmd(script: Path, nproc: int, args: list) -> list:
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            f"--master_port={free_port()}", str(script), *map(str, args)]

@@ -54,6 +54,22 @@ def is_logging_rank() -> bool:
     return torch.distributed.get_rank() == 0
 
 
+def write_args_json_once(args, save_dir: str, extra: Optional[dict] = None) -> None:
+    """``<save>/args.json``: the run's arguments plus what later commands need (model, template)."""
+    import json
+    import os
+
+    if not is_logging_rank():
+        return
+    os.makedirs(save_dir, exist_ok=True)
+    data = args.to_dict() if hasattr(args, "to_dict") else dict(vars(args))
+    data.update(extra or {})
+    tmp = os.path.join(save_dir, "args.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, os.path.join(save_dir, "args.json"))
+
+
 def _iterators(ddp_chunks: list, microbatches: list):
     return [iter(microbatches) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(microbatches)
 

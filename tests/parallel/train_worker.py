@@ -27,6 +27,7 @@ def parse():
     p.add_argument("--load", default=None)
     p.add_argument("--finetune", action="store_true")
     p.add_argument("--kill_after_iteration", type=int, default=None)
+    p.add_argument("--kill_during_save_iteration", type=int, default=None)
     p.add_argument("--distributed_optimizer", action="store_true")
     p.add_argument("--global_batch", type=int, default=4)
     p.add_argument("--micro_batch", type=int, default=1)
@@ -77,6 +78,19 @@ def main():
         import megatron_swift.trainer.loop as loop_module
 
         loop_module.save_checkpoint = save_then_die
+
+    if args.kill_during_save_iteration is not None:
+        from megatron.core import dist_checkpointing
+
+        original_save = dist_checkpointing.save
+
+        def save_then_die_before_publish(state, directory, *a, **k):
+            out = original_save(state, directory, *a, **k)
+            if state.get("iteration") == args.kill_during_save_iteration:
+                os.kill(os.getpid(), signal.SIGKILL)  # files written, not yet renamed/published
+            return out
+
+        dist_checkpointing.save = save_then_die_before_publish
 
     loop = LoopSettings(train_iters=args.iters, micro_batch_size=args.micro_batch, seq_length=args.seq,
                         log_interval=1, save_dir=args.save, save_interval=args.save_interval)
