@@ -50,10 +50,13 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(tensorboard_dir)
+        import sys
+
         from tqdm import tqdm
 
+        # a bar on a terminal; in a log file (cluster jobs) the log lines carry the same numbers
         self._bar = tqdm(total=total_iters, initial=start_iter, desc="train", dynamic_ncols=True,
-                         mininterval=1.0)
+                         mininterval=1.0, disable=not sys.stderr.isatty())
 
     def step(self, iteration: int, loss: float, lr: float, grad_norm: Optional[float], real_tokens: int,
              loss_tokens: int) -> Optional[dict]:

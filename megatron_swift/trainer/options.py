@@ -95,10 +95,3 @@ def optimizer_settings(args) -> OptimizerSettings:
         overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
     )
 
-
-def seq_multiple(args) -> int:
-    """Sequence lengths must divide evenly over TP (sequence parallel) and 2 x CP (load balance)."""
-    multiple = args.tensor_model_parallel_size if args.sequence_parallel else 1
-    if args.context_parallel_size > 1:
-        multiple *= 2 * args.context_parallel_size
-    return multiple

@@ -81,7 +81,7 @@ def run_training(args) -> int:
 
     from .data_feed import build_training_data
 
-    data = build_training_data(args, hf_config=hf_config, seq_length_multiple=options.seq_multiple(args))
+    data = build_training_data(args)
     train_iters = args.train_iters or data.iters_for_epochs(args.max_epochs)
     scheduler = build_scheduler(optimizer, ScheduleSettings(
         lr=args.lr, train_iters=train_iters, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
