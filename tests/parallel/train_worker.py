@@ -22,6 +22,10 @@ def parse():
     p.add_argument("--iters", type=int, default=6)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--sp", action="store_true")
+    p.add_argument("--num_layers", type=int, default=2)
     p.add_argument("--save", default=None)
     p.add_argument("--save_interval", type=int, default=None)
     p.add_argument("--load", default=None)
@@ -29,6 +33,8 @@ def parse():
     p.add_argument("--kill_after_iteration", type=int, default=None)
     p.add_argument("--kill_during_save_iteration", type=int, default=None)
     p.add_argument("--distributed_optimizer", action="store_true")
+    p.add_argument("--init_ckpt", default=None, help="initial weights shared by all layouts")
+    p.add_argument("--save_init", action="store_true")
     p.add_argument("--global_batch", type=int, default=4)
     p.add_argument("--micro_batch", type=int, default=1)
     p.add_argument("--seq", type=int, default=16)
@@ -48,8 +54,22 @@ def main():
     from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, wrap_ddp
     from parity_worker import global_batch, microbatches
 
-    init_parallel(ParallelLayout(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp), seed=3)
-    chunks, config, settings = build_model(tiny_hf_config(args.family), {"calculate_per_token_loss": True})
+    init_parallel(ParallelLayout(tensor_model_parallel_size=args.tp, pipeline_model_parallel_size=args.pp,
+                                 virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep),
+                  seed=3)
+    hf = tiny_hf_config(args.family, num_hidden_layers=args.num_layers)
+    chunks, config, settings = build_model(hf, {"calculate_per_token_loss": True, "sequence_parallel": args.sp})
+    if args.init_ckpt:
+        from parity_worker import sharded_state_dict
+        from megatron.core import dist_checkpointing
+
+        if args.save_init:
+            os.makedirs(args.init_ckpt, exist_ok=True)
+            dist_checkpointing.save(sharded_state_dict(chunks), args.init_ckpt)
+        else:
+            loaded = dist_checkpointing.load(sharded_state_dict(chunks), args.init_ckpt)
+            for i, chunk in enumerate(chunks):
+                chunk.load_state_dict(loaded[f"chunk{i}"], strict=True)
     opt = OptimizerSettings(lr=3e-3, use_distributed_optimizer=args.distributed_optimizer)
     ddp_chunks = wrap_ddp(chunks, config, opt)
     optimizer = build_optimizer(ddp_chunks, config, opt)
