@@ -75,6 +75,8 @@ class DataArguments:
     model_author: Optional[List[str]] = arg(None, help="Model author (Chinese English) for self-cognition data.")
     custom_dataset_info: List[str] = arg(factory=list, help="JSON files registering custom datasets.")
     lazy_tokenize: bool = arg(False, help="Tokenize rows when they are read instead of before training.")
+    dataset_preview: int = arg(0, ge=0, help="Dry run: print N encoded training samples with the "
+                                             "loss-masked spans marked, then exit without training.")
 
 
 LOSS_SCALES = ("default", "last_round", "all", "ignore_empty_think", "react", "hermes", "qwen", "agentflan",

@@ -44,11 +44,13 @@ def _swap_modules(spec, replacements: dict):
 
 
 def _local_replacements() -> dict:
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
+    from megatron_swift.kernels.attention import THDDotProductAttention
     from megatron_swift.kernels.norm import RMSNorm
 
-    replacements = {WrappedTorchNorm: RMSNorm}
+    replacements = {WrappedTorchNorm: RMSNorm, DotProductAttention: THDDotProductAttention}
     try:  # apex's fused norm is what the local spec picks when apex imports
         from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed
 
 
 @dataclass
@@ -28,11 +29,17 @@ def build_training_data(args) -> TrainingData:
     from megatron.core import parallel_state as ps
     from transformers import AutoTokenizer
 
+    from megatron_swift.data.batching import move_batch
     from megatron_swift.data.pipeline import prepare_data
     from megatron_swift.platform import get_platform
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir or args.model, trust_remote_code=args.trust_remote_code)
     data = prepare_data(args, tokenizer)
+    if getattr(args, "dataset_preview", 0):
+        from megatron_swift.data.preview import preview_samples
+
+        if torch.distributed.get_rank() == 0:
+            print(preview_samples(data.train, tokenizer, args.dataset_preview), flush=True)
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
     mbs = args.micro_batch_size
@@ -41,7 +48,7 @@ def build_training_data(args) -> TrainingData:
     seq_length, _ = data.collator.schedule_shape(mbs, data.max_length or 0)
 
     def to_device(batch: dict) -> dict:
-        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        return move_batch(batch, device)
 
     state = {"iterator": None, "next_step": None}
 

@@ -82,6 +82,11 @@ def run_training(args) -> int:
     from .data_feed import build_training_data
 
     data = build_training_data(args)
+    if args.dataset_preview:  # a dry run: the samples are printed, nothing is trained
+        from megatron_swift.platform import destroy_parallel
+
+        destroy_parallel()
+        return 0
     train_iters = args.train_iters or data.iters_for_epochs(args.max_epochs)
     scheduler = build_scheduler(optimizer, ScheduleSettings(
         lr=args.lr, train_iters=train_iters, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,

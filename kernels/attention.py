@@ -1,0 +1,89 @@
+"""Core attention for megatron-core's local (non-Transformer-Engine) layer spec, with THD support.
+
+megatron-core's ``DotProductAttention`` asserts ``packed_seq_params is None``: on a machine without
+Transformer Engine there is no padding-free (THD) attention. ``THDDotProductAttention`` is a
+drop-in subclass (same constructor and ``forward`` signature) that
+
+* for ordinary ``[s, b, heads, dim]`` batches runs ``DotProductAttention.forward`` unchanged, so the
+  local spec's numerics do not move;
+* for ``packed_seq_params.qkv_format == "thd"`` (query/key/value ``[t, heads, dim]``, the packed
+  sequences back to back, boundaries in ``cu_seqlens``) runs that same attention on each sequence
+  separately and concatenates the outputs: causal within a sequence, nothing across a boundary,
+  and bit-identical to attending to each sequence alone. Returns ``[t, heads_per_rank * dim]``
+  (Transformer Engine's THD output shape).
+
+``cu_seqlens_q_padded`` (sequences laid out at padded offsets) is honoured: the attention runs on
+each sequence's real tokens and the padding rows of the output are zero. Tensor parallelism
+(heads split per rank), GQA (``num_query_groups < num_attention_heads``) and sequence parallelism
+(the attention sees the full sequence after the QKV all-gather) need nothing extra. Context
+parallelism is refused by the parent class, as for the local spec.
+
+RoPE for THD is megatron-core's own: ``apply_rotary_pos_emb(..., cu_seqlens=...)`` restarts the
+positions of every sequence (its unfused path runs on CPU), so the model needs no change.
+
+``reference_attention`` is the plain formula the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        softmax_scale: Optional[float] = None, causal: bool = True) -> torch.Tensor:
+    """One sequence: query ``[s, heads, dim]``, key/value ``[s, groups, dim]`` -> ``[s, heads * dim]``
+    (softmax in fp32, keys/values repeated over the query heads of their group)."""
+    s, heads, dim = query.shape
+    groups = key.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(dim)
+    k = key.repeat_interleave(heads // groups, dim=1)
+    v = value.repeat_interleave(heads // groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", query.float(), k.float()) * scale
+    if causal:
+        mask = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
+        scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hqk,khd->qhd", probs, v.float()).to(query.dtype)
+    return out.reshape(s, heads * dim)
+
+
+class THDDotProductAttention(DotProductAttention):
+    """``DotProductAttention`` that also takes packed (THD) batches; see the module docstring."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias, packed_seq_params=None)
+        if attention_bias is not None:
+            raise ValueError("THDDotProductAttention: attention_bias is not supported")
+        if query.dim() == 4:  # [t, 1, heads, dim]
+            if query.size(1) != 1:
+                raise ValueError(f"THD attention expects one packed row, got batch size {query.size(1)}")
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        cu_q = packed_seq_params.cu_seqlens_q
+        cu_kv = packed_seq_params.cu_seqlens_kv if packed_seq_params.cu_seqlens_kv is not None else cu_q
+        if not torch.equal(cu_q.cpu(), cu_kv.cpu()):
+            raise ValueError("THDDotProductAttention: causal self-attention needs cu_seqlens_q == cu_seqlens_kv")
+        padded = packed_seq_params.cu_seqlens_q_padded
+        starts = (padded if padded is not None else cu_q).tolist()
+        real = cu_q.tolist()
+        total = query.size(0)
+        if starts[-1] != total:
+            raise ValueError(f"THD attention: cu_seqlens ends at {starts[-1]} but the packed row has {total} tokens")
+        outputs = []
+        for i in range(len(real) - 1):
+            begin, length = starts[i], real[i + 1] - real[i]
+            room = starts[i + 1] - begin
+            if length:
+                seg = slice(begin, begin + length)
+                out = super().forward(query[seg].unsqueeze(1), key[seg].unsqueeze(1), value[seg].unsqueeze(1),
+                                      None, attn_mask_type=attn_mask_type, packed_seq_params=None)
+                outputs.append(out.squeeze(1))
+            if room > length:
+                outputs.append(query.new_zeros(room - length, self.hidden_size_per_partition))
+        return torch.cat(outputs, dim=0)
