@@ -29,10 +29,11 @@ def demo(tmp_path_factory):
 
 
 def sft_args(demo, save, iters=30, extra=()):
-    return ["sft", "--model", demo["model"], "--dataset", demo["dataset"], "--split_dataset_ratio", "0",
+    return ["sft", "--model", demo["model"], "--dataset", demo["dataset"],
             "--micro_batch_size", "4", "--global_batch_size", "16", "--train_iters", str(iters),
             "--lr", "2e-3", "--min_lr", "2e-4", "--lr_warmup_iters", "3", "--log_interval", "1",
-            "--save", str(save), "--add_version", "false", "--save_interval", "1000", *extra]
+            "--save", str(save), "--add_version", "false", "--save_interval", "1000",
+            *(["--split_dataset_ratio", "0"] if "--split_dataset_ratio" not in extra else []), *extra]
 
 
 def records(save) -> list[dict]:
@@ -44,7 +45,9 @@ def test_sft_tp2_padding_free_loss_falls_and_logs(demo, tmp_path):
     save = tmp_path / "sft"
     env = worker_env(NPROC_PER_NODE=2, MASTER_PORT=free_port())
     proc = subprocess.run([*MEGATRON, *sft_args(demo, save, extra=["--tensor_model_parallel_size", "2",
-                                                                    "--sequence_parallel", "true"])],
+                                                                    "--sequence_parallel", "true",
+                                                                    "--split_dataset_ratio", "0.1",
+                                                                    "--eval_interval", "15"])],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     logs = records(save)
@@ -53,6 +56,8 @@ def test_sft_tp2_padding_free_loss_falls_and_logs(demo, tmp_path):
         assert key in logs[0]
     first, last = logs[0]["loss"], sum(r["loss"] for r in logs[-3:]) / 3
     assert last < 0.5 * first, (first, last)
+    evals = [json.loads(line) for line in open(save / "logging.jsonl") if "eval_loss" in line]
+    assert [e["iteration"] for e in evals] == [15, 30] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert (save / "latest_checkpointed_iteration.txt").read_text() == "30"
     assert json.loads((save / "args.json").read_text())["tensor_model_parallel_size"] == 2
     assert list((save / "runs").iterdir()), "no tensorboard events"

@@ -73,6 +73,8 @@ def build_training_data(args) -> TrainingData:
                     group, done = [], done + 1
                     if limit is not None and done >= limit:
                         return
+            if group:  # a last, smaller step (a val set smaller than one global batch included)
+                yield group
 
     def iters_for_epochs(epochs: int) -> int:
         return data.train_iters(args.global_batch_size, epochs, mbs, dp_size)

@@ -34,6 +34,8 @@ class LoopSettings:
     save_rng: bool = True
     tensorboard_dir: Optional[str] = None
     eval_interval: Optional[int] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
 
 
 @dataclass
@@ -86,7 +88,8 @@ def _dp_sum(value: int) -> int:
     return int(t.item())
 
 
-def evaluate(ddp_chunks: list, eval_batches: Callable[[], Iterator[list]], settings: LoopSettings) -> float:
+def evaluate(ddp_chunks: list, eval_batches: Callable[[], Iterator[list]], settings: LoopSettings) -> Optional[float]:
+    """Per-token loss over the validation batches (None if they hold no loss token)."""
     for chunk in ddp_chunks:
         chunk.eval()
     loss_sum, tokens = 0.0, 0
@@ -98,14 +101,15 @@ def evaluate(ddp_chunks: list, eval_batches: Callable[[], Iterator[list]], setti
             tokens += result.num_tokens
     for chunk in ddp_chunks:
         chunk.train()
-    return loss_sum / max(tokens, 1)
+    return loss_sum / tokens if tokens else None
 
 
 def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForStep, settings: LoopSettings,
           start_iteration: int = 0, eval_batches: EvalBatches = None) -> TrainState:
     metrics = MetricsLogger(save_dir=settings.save_dir, tensorboard_dir=settings.tensorboard_dir,
                             total_iters=settings.train_iters, log_interval=settings.log_interval,
-                            enabled=is_logging_rank(), start_iter=start_iteration)
+                            enabled=is_logging_rank(), start_iter=start_iteration,
+                            wandb_project=settings.wandb_project, wandb_exp_name=settings.wandb_exp_name)
     state = TrainState(iteration=start_iteration)
     if is_logging_rank():
         platform = get_platform()
@@ -132,7 +136,9 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
             metrics.step(state.iteration, result.loss, lr, result.grad_norm,
                          _dp_sum(_real_tokens(microbatches)), result.num_tokens)
             if eval_batches and settings.eval_interval and state.iteration % settings.eval_interval == 0:
-                metrics.eval(state.iteration, evaluate(ddp_chunks, eval_batches, settings))
+                eval_loss = evaluate(ddp_chunks, eval_batches, settings)
+                if eval_loss is not None:
+                    metrics.eval(state.iteration, eval_loss)
             if (settings.save_dir and settings.save_interval and state.iteration % settings.save_interval == 0
                     and state.iteration < settings.train_iters):
                 save()

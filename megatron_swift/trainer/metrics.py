@@ -30,7 +30,8 @@ def _memory_gib() -> float:
 
 class MetricsLogger:
     def __init__(self, save_dir: Optional[str], tensorboard_dir: Optional[str], total_iters: int,
-                 log_interval: int, enabled: bool, start_iter: int = 0):
+                 log_interval: int, enabled: bool, start_iter: int = 0, wandb_project: Optional[str] = None,
+                 wandb_exp_name: Optional[str] = None, run_config: Optional[dict] = None):
         self.enabled = enabled
         self.total_iters = total_iters
         self.log_interval = log_interval
@@ -41,8 +42,16 @@ class MetricsLogger:
         self._jsonl = None
         self._tb = None
         self._bar = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("--wandb_project needs the wandb package: pip install wandb") from None
+            self._wandb = wandb.init(project=wandb_project, name=wandb_exp_name, config=run_config or {},
+                                     dir=save_dir)
         if save_dir:
             os.makedirs(save_dir, exist_ok=True)
             self._jsonl = open(os.path.join(save_dir, "logging.jsonl"), "a", buffering=1)
@@ -100,10 +109,13 @@ class MetricsLogger:
     def _write(self, record: dict, prefix: str) -> None:
         if self._jsonl:
             self._jsonl.write(json.dumps(record) + "\n")
+        scalars = {f"{prefix}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and k != "iteration"}
         if self._tb:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "iteration":
-                    self._tb.add_scalar(f"{prefix}/{key}", value, record["iteration"])
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, record["iteration"])
+        if self._wandb:
+            self._wandb.log(scalars, step=record["iteration"])
 
     def close(self) -> None:
         if self._bar:
@@ -112,3 +124,5 @@ class MetricsLogger:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        if self._wandb:
+            self._wandb.finish()

@@ -100,7 +100,7 @@ def run_training(args) -> int:
         start = loaded.iteration
         logger.info("loaded %s (resuming at iteration %d)", loaded.directory, start)
     elif _hf_weight_files(args.model_dir):
-        from megatron_swift.converters import load_hf_into_mcore
+        from megatron_swift.converters.api import load_hf_into_mcore
 
         load_hf_into_mcore(ddp_chunks, args.model_dir, config, settings)
         optimizer.reload_model_params()
@@ -117,7 +117,7 @@ def run_training(args) -> int:
         log_interval=args.log_interval, save_dir=save_dir, save_interval=args.save_interval,
         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
         tensorboard_dir=args.tensorboard_dir or os.path.join(save_dir, "runs"),
-        eval_interval=args.eval_interval,
+        eval_interval=args.eval_interval, wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
     )
     state = train(ddp_chunks, optimizer, scheduler, data.batches_for_step, loop, start_iteration=start,
                   eval_batches=data.eval_batches)
