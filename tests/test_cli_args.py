@@ -502,17 +502,22 @@ def _free_port() -> int:
 
 def test_nproc_per_node_relaunches_under_torchrun(tmp_path):
     model = make_model(tmp_path)
-    ckpt = make_ckpt(tmp_path)
-    argv = ["export", "--model", model, "--to_hf", "true", "--mcore_model", ckpt, "--output_dir",
-            str(tmp_path / "out")]
+    argv = ["rlhf", "--model", model, "--dataset", "d", "--train_iters", "3"]
     out = subprocess.run(_megatron() + argv, capture_output=True, text=True, timeout=120,
                          env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(_free_port())))
-    message = "megatron export is not built yet in this version (see README: roadmap)."
+    message = "megatron rlhf is not built yet in this version (see README: roadmap)."
     assert out.returncode == 2, out.stderr
     assert out.stderr.count(message) == 2, out.stderr  # one per torchrun worker
     # validation happens before the relaunch: a bad TP never reaches torchrun
     out = subprocess.run(_megatron() + argv + ["--tensor_model_parallel_size", "4"], capture_output=True, text=True,
                          timeout=60, env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(_free_port())))
     assert out.returncode == 2
-    assert out.stderr.startswith("megatron export: error: arguments --tensor_model_parallel_size (4)")
+    assert out.stderr.startswith("megatron rlhf: error: arguments --tensor_model_parallel_size (4)")
     assert "torch.distributed" not in out.stderr
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("transformer_engine") is not None,
+                    reason="with Transformer Engine, context parallelism is available")
+def test_context_parallel_without_transformer_engine_is_a_clear_early_error(model):
+    message = error_of(sft, model, "--context_parallel_size", "2", world_size=2)
+    assert "--context_parallel_size" in message and "Transformer Engine" in message

@@ -6,6 +6,8 @@ fields (``world_size``, ``data_parallel_size``, ``num_micro_batches``, ``hf_conf
 """
 from __future__ import annotations
 
+import importlib.util
+
 import json
 import math
 import os
@@ -37,6 +39,7 @@ def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None) -> 
     _resolve_model(args)
     _resolve_dtype(args)
     _check_world(args, world_size)
+    _check_context_parallel_backend(args)
     _check_model_shape(args)
     if training:
         _check_training_paths(args)
@@ -168,6 +171,15 @@ def _check_parallel_flags(args) -> None:
         for name in ("decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers"):
             if getattr(args, name) is not None:
                 raise ArgumentError(f"argument --{name} needs --pipeline_model_parallel_size > 1")
+
+
+def _check_context_parallel_backend(args) -> None:
+    if args.context_parallel_size > 1 and importlib.util.find_spec("transformer_engine") is None:
+        # megatron-core's local DotProductAttention (and our THD kernel built on it) has no
+        # context-parallel attention; CP needs Transformer Engine's (GPU only).
+        raise ArgumentError("argument --context_parallel_size > 1 needs Transformer Engine's attention "
+                            "(pip install megatron-swift[gpu] on a CUDA machine); megatron-core's local "
+                            "attention has no context parallelism")
 
 
 # ------------------------------------------------------------------------------ model / HF config
