@@ -95,3 +95,16 @@ def test_bad_input_fails_before_workers_start(demo, tmp_path):
         assert proc.returncode == 2, (extra, proc.stderr[-2000:])
         assert needle in proc.stderr, (extra, proc.stderr[-2000:])
         assert "torch.distributed.run" not in proc.stderr and "rank0" not in proc.stderr
+
+
+def test_padding_free_equals_padded_over_five_steps(demo, tmp_path):
+    """Same data order, same weights: THD batches train exactly like right-padded batches."""
+    runs = {}
+    for name, flag in (("padded", "false"), ("thd", "true")):
+        save = tmp_path / name
+        proc = subprocess.run([*MEGATRON, *sft_args(demo, save, iters=5, extra=["--padding_free", flag])],
+                              env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = [r["loss"] for r in records(save)]
+    assert len(runs["thd"]) == 5
+    assert runs["thd"] == pytest.approx(runs["padded"], abs=1e-4), runs
