@@ -18,6 +18,8 @@
      the whole checkpoint into a built model and then writing it.
    Input files are evicted from the page cache (``posix_fadvise(DONTNEED)``) before every run, so
    the conversions and the "cold" plain read start from disk; the "hot" read is from page cache.
+   "plain copy" = reading the input and writing the same bytes with fsync: the I/O floor of a
+   conversion that writes its output durably.
 3. Prints a markdown table (and writes ``results.json`` into the workdir).
 """
 
@@ -109,6 +111,24 @@ def evict(paths: list[str]) -> None:
             os.close(fd)
 
 
+def plain_copy(paths: list[str], dst: str) -> float:
+    """Read + write the same bytes + fsync: the I/O floor of any conversion that writes its output."""
+    os.makedirs(dst, exist_ok=True)
+    t0 = time.perf_counter()
+    buf = bytearray(64 << 20)
+    for i, p in enumerate(paths):
+        with open(p, "rb", buffering=0) as f, open(os.path.join(dst, str(i)), "wb", buffering=0) as g:
+            while True:
+                n = f.readinto(buf)
+                if not n:
+                    break
+                g.write(memoryview(buf)[:n])
+            os.fsync(g.fileno())
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(dst, ignore_errors=True)
+    return elapsed
+
+
 def plain_read(paths: list[str]) -> float:
     t0 = time.perf_counter()
     buf = bytearray(64 << 20)
@@ -126,24 +146,24 @@ def _naive_hf_to_mcore(src: str, dst: str) -> None:
     from transformers import AutoModelForCausalLM
 
     from megatron_swift.converters.engine import local_params
-    from megatron_swift.converters.families import mapping_for
+    from megatron_swift.converters.registry import mapping_for
     from megatron_swift.converters.mapping import format_key
     from megatron_swift.converters.mcore_io import build_chunks, save_checkpoint, write_layout
-    from megatron_swift.converters.transforms import geometry, hf_shapes, hf_to_local
+    from megatron_swift.converters.transforms import geometry, hf_to_local
     from megatron_swift.model import load_hf_config
 
     hf_config = load_hf_config(src)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    sd = model.state_dict()
+    state = model.state_dict()
     chunks, config, settings = build_chunks(hf_config, {"params_dtype": torch.bfloat16,
                                                         "perform_initialization": False})
     geo = geometry(config, settings)
     with torch.no_grad():
         for lp in local_params(chunks, mapping_for(settings.family), settings.share_embeddings_and_output_weights):
             keys = [format_key(s.key, lp.layer, lp.expert) for s in lp.sources]
-            lp.param.copy_(hf_to_local(lp.rule, lambda i, index: sd[keys[i]][index], tuple(lp.param.shape),
-                                       lp.tp_rank, lp.tp_size, geo))
-    del model, sd
+            lp.param.copy_(hf_to_local(lp.rule, lambda i, index, keys=keys: state[keys[i]][index],
+                                       tuple(lp.param.shape), lp.tp_rank, lp.tp_size, geo))
+    model = state = None  # free both before building the checkpoint
     gc.collect()
     os.makedirs(dst)
     save_checkpoint(chunks, os.path.join(dst, "release"))
@@ -153,7 +173,7 @@ def _naive_hf_to_mcore(src: str, dst: str) -> None:
 def _naive_mcore_to_hf(src: str, dst: str, hf_dir: str, shard: str) -> None:
     import torch
 
-    from megatron_swift.converters import save_mcore_as_hf
+    from megatron_swift.converters.api import save_mcore_as_hf
     from megatron_swift.converters.mcore_io import build_chunks, load_checkpoint
     from megatron_swift.model import load_hf_config
 
@@ -176,7 +196,7 @@ def _status(field: str) -> int:
 def measure(op: str, src: str, dst: str, hf_dir: str, shard: str, threads: int) -> dict:
     import psutil
     import torch  # noqa: F401
-    import transformers  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401  (imports are not conversion time)
 
     import megatron_swift.converters.convert as convert
     import megatron_swift.converters.mcore_io  # noqa: F401
@@ -219,6 +239,39 @@ def measure(op: str, src: str, dst: str, hf_dir: str, shard: str, threads: int) 
 
 # ------------------------------------------------------------------------------------- driver
 
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = text.strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _child(argv: list) -> dict:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, argv)], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if out.returncode:
+        raise SystemExit(f"{argv[0]} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def verify(expected_dir: str, actual_dir: str) -> dict:
+    import torch
+    from safetensors import safe_open
+
+    with open(os.path.join(actual_dir, "model.safetensors.index.json")) as f:
+        where = json.load(f)["weight_map"]
+    same, count = True, 0
+    for path in files_of(expected_dir):
+        with safe_open(path, "pt") as h:
+            for key in h.keys():
+                with safe_open(os.path.join(actual_dir, where[key]), "pt") as o:
+                    same &= torch.equal(h.get_tensor(key), o.get_tensor(key))
+                count += 1
+    return {"bit_exact": bool(same and count == len(where)), "tensors": count}
+
+
 def run_measure(args, op: str, src: str, dst: str) -> dict:
     shutil.rmtree(dst, ignore_errors=True)
     evict(files_of(src))
@@ -236,6 +289,12 @@ def main():
         op, src, dst, hf_dir, shard, threads = sys.argv[2:8]
         print(json.dumps(measure(op, src, dst, hf_dir, shard, int(threads))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_write":
+        print(json.dumps(write_synthetic(sys.argv[2], *map(int, sys.argv[3:10]))))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_verify":
+        print(json.dumps(verify(sys.argv[2], sys.argv[3])))
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/bench_convert")
     p.add_argument("--layers", type=int, default=20)
@@ -249,16 +308,14 @@ def main():
     p.add_argument("--skip_naive", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     args = p.parse_args()
-    sys.path.insert(0, os.path.dirname(HERE))
-    from megatron_swift.converters.hf_io import parse_size
-
+    # this driver stays small (no torch): children inherit its RSS into their ru_maxrss
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     args.hf_dir = os.path.join(work, "hf")
     t0 = time.perf_counter()
-    info = write_synthetic(args.hf_dir, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads, args.vocab,
-                           parse_size(args.shard_size))
+    info = _child(["_write", args.hf_dir, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads,
+                   args.vocab, _size(args.shard_size)])
     print(f"synthetic checkpoint: {info['total_bytes'] / 1e9:.2f} GB in {info['shards']} shards, largest "
           f"{info['largest_shard'] / 1e6:.0f} MB ({time.perf_counter() - t0:.0f} s to write)", flush=True)
     hf_files = files_of(args.hf_dir)
@@ -279,33 +336,27 @@ def main():
         r["input_bytes"] = sum(os.path.getsize(f) for f in files)
         evict(files)
         r["plain_read_cold_s"] = plain_read(files)
+        evict(files)
+        r["plain_copy_cold_s"] = plain_copy(files, os.path.join(work, "copy"))
         results["runs"].append(r)
         print(f"{op}: {r['wall_s']:.1f} s, peak RSS above idle {(r['peak_rss'] - r['idle_rss']) / 1e6:.0f} MB "
-              f"(idle {r['idle_rss'] / 1e6:.0f} MB); plain read of its input {r['plain_read_cold_s']:.1f} s", flush=True)
+              f"(idle {r['idle_rss'] / 1e6:.0f} MB); plain read of its input {r['plain_read_cold_s']:.1f} s",
+              flush=True)
         if op in ("naive_hf_to_mcore", "naive_mcore_to_hf"):
             shutil.rmtree(dst, ignore_errors=True)
     # the streaming round trip must be exact
-    from safetensors import safe_open
-
-    same = True
-    for f in files_of(args.hf_dir):
-        with safe_open(f, "pt") as h:
-            for key in h.keys():
-                idx = json.load(open(os.path.join(back, "model.safetensors.index.json")))["weight_map"][key]
-                with safe_open(os.path.join(back, idx), "pt") as o:
-                    import torch
-
-                    same &= torch.equal(h.get_tensor(key), o.get_tensor(key))
+    same = _child(["_verify", args.hf_dir, back])["bit_exact"]
     results["round_trip_bit_exact"] = same
     largest = info["largest_shard"]
     print()
-    print("| conversion | wall (s) | plain read of input, cold (s) | wall / read | peak RSS above idle (MB) "
-          "| / largest shard |")
-    print("|---|---|---|---|---|---|")
+    print("| conversion | wall (s) | plain read of input (s) | wall / read | plain copy + fsync (s) | wall / copy "
+          "| peak RSS above idle (MB) | / largest shard |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         above = r["peak_rss"] - r["idle_rss"]
         print(f"| {r['op']} | {r['wall_s']:.1f} | {r['plain_read_cold_s']:.1f} | "
-              f"{r['wall_s'] / r['plain_read_cold_s']:.1f}x | {above / 1e6:.0f} | {above / largest:.2f}x |")
+              f"{r['wall_s'] / r['plain_read_cold_s']:.1f}x | {r['plain_copy_cold_s']:.1f} | "
+              f"{r['wall_s'] / r['plain_copy_cold_s']:.1f}x | {above / 1e6:.0f} | {above / largest:.2f}x |")
     print(f"\nround trip bit-exact: {same}; largest input shard {largest / 1e6:.0f} MB")
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2)

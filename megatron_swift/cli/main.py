@@ -2,7 +2,8 @@
 
 Parses and validates the arguments (no torch / megatron-core import), relaunches under torchrun
 when ``NPROC_PER_NODE``/``NNODES`` ask for it, then dispatches: ``pt``/``sft`` call
-``megatron_swift.trainer.run_training(args)``; ``rlhf`` and ``export`` are not built yet.
+``megatron_swift.trainer.run_training(args)``, ``export`` calls ``megatron_swift.export.run_export(args)``;
+``rlhf`` is not built yet.
 Argument errors print ``megatron <cmd>: error: <message>`` to stderr and exit with code 2.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from megatron_swift.args import (COMMANDS, ArgumentError, format_command_help, f
                                  relaunch_requested)
 from megatron_swift.cli.launch import record_exit_code, relaunch
 
-NOT_BUILT = ("rlhf", "export")
+NOT_BUILT = ("rlhf",)
 
 
 def _error(prog: str, message: str) -> int:
@@ -44,6 +45,10 @@ def dispatch(command: str, args) -> int:
     if command in NOT_BUILT:
         print(f"megatron {command} is not built yet in this version (see README: roadmap).", file=sys.stderr)
         return 2
+    if command == "export":
+        from megatron_swift.export import run_export
+
+        return run_export(args)
     return _run_training(command, args)
 
 
