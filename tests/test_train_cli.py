@@ -88,6 +88,7 @@ def test_bad_input_fails_before_workers_start(demo, tmp_path):
         (["--tensor_model_parallel_size", "4"], "tensor_model_parallel_size"),
         (["--load", str(tmp_path / "missing")], "--load"),
         (["--not_an_argument", "1"], "not_an_argument"),
+        (["--lr_warmup_iters", "30"], "--lr_warmup_iters"),
     ]
     for extra, needle in cases:
         proc = subprocess.run([*MEGATRON, *sft_args(demo, tmp_path / "bad"), *extra], env=env, cwd=REPO,
@@ -108,3 +109,22 @@ def test_padding_free_equals_padded_over_five_steps(demo, tmp_path):
         runs[name] = [r["loss"] for r in records(save)]
     assert len(runs["thd"]) == 5
     assert runs["thd"] == pytest.approx(runs["padded"], abs=1e-4), runs
+
+
+def test_sft_from_export_to_mcore_checkpoint_equals_sft_from_hf(demo, tmp_path):
+    """`megatron export --to_mcore` output feeds `megatron sft --mcore_model` (model from args.json):
+    the same first losses as training from the HF directory (oracle: the HF weights path)."""
+    mcore = tmp_path / "mcore"
+    proc = subprocess.run([*MEGATRON, "export", "--model", demo["model"], "--to_mcore", "true", "--output_dir",
+                           str(mcore)], env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = {}
+    for name, source in (("hf", ["--model", demo["model"]]), ("mcore", ["--mcore_model", str(mcore)])):
+        args = sft_args(demo, tmp_path / name, iters=4)
+        i = args.index("--model")
+        del args[i:i + 2]
+        proc = subprocess.run([*MEGATRON, *args, *source], env=worker_env(), cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[name] = [r["loss"] for r in records(tmp_path / name)]
+    assert runs["mcore"] == pytest.approx(runs["hf"], abs=1e-5), runs

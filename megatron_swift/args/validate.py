@@ -127,6 +127,11 @@ def _check_training_flags(args) -> None:
     if args.lr_warmup_iters and args.lr_warmup_fraction is not None:
         raise ArgumentError(f"arguments --lr_warmup_iters ({args.lr_warmup_iters}) and --lr_warmup_fraction "
                             f"({args.lr_warmup_fraction}) are both given; give only one")
+    decay_iters = args.lr_decay_iters or args.train_iters
+    if args.lr_warmup_iters and decay_iters and args.lr_warmup_iters >= decay_iters:
+        # megatron's scheduler asserts warmup < decay steps deep inside the workers
+        raise ArgumentError(f"argument --lr_warmup_iters ({args.lr_warmup_iters}) must be smaller than the LR decay "
+                            f"iterations ({decay_iters}: --lr_decay_iters, default --train_iters)")
     if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
         raise ArgumentError("argument --recompute_granularity full needs --recompute_method (uniform|block) and "
                             "--recompute_num_layers (e.g. --recompute_method uniform --recompute_num_layers 1)")

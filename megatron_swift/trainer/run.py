@@ -98,7 +98,10 @@ def run_training(args) -> int:
         loaded = load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, finetune=args.finetune,
                                  load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
         start = loaded.iteration
-        logger.info("loaded %s (resuming at iteration %d)", loaded.directory, start)
+        if start:
+            logger.info("loaded %s: resuming at iteration %d", loaded.directory, start)
+        else:
+            logger.info("loaded weights from %s", loaded.directory)
     elif _hf_weight_files(args.model_dir):
         from megatron_swift.converters.api import load_hf_into_mcore
 
