@@ -45,40 +45,7 @@ def build_chunks(hf_config, overrides: Optional[dict] = None, meta: bool = False
     names, TP attributes and ``sharded_state_dict`` work, values do not)."""
     from megatron_swift.model import build_model
 
-    if not meta:
-        return build_model(hf_config, overrides)
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-
-    from megatron_swift.model import decoder_block_spec, transformer_config_from_hf
-
-    overrides = dict(overrides or {})
-    overrides.setdefault("tensor_model_parallel_size", ps.get_tensor_model_parallel_world_size())
-    overrides.setdefault("pipeline_model_parallel_size", ps.get_pipeline_model_parallel_world_size())
-    overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
-    overrides.setdefault("context_parallel_size", ps.get_context_parallel_world_size())
-    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-    if vpp is not None:
-        overrides.setdefault("virtual_pipeline_model_parallel_size", vpp)
-    config, settings = transformer_config_from_hf(hf_config, overrides)
-    chunks = []
-    for vp_stage in range(vpp or 1):
-        stage = vp_stage if vpp is not None else None
-        with torch.device("meta"):
-            chunks.append(GPTModel(
-                config=config,
-                transformer_layer_spec=decoder_block_spec(config, vp_stage=stage),
-                vocab_size=settings.padded_vocab_size,
-                max_sequence_length=settings.max_sequence_length,
-                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-                share_embeddings_and_output_weights=settings.share_embeddings_and_output_weights,
-                position_embedding_type="rope",
-                rotary_base=settings.rotary_base,
-                parallel_output=True,
-                vp_stage=stage,
-            ))
-    return chunks, config, settings
+    return build_model(hf_config, overrides, meta=meta)
 
 
 def model_sharded_state_dict(chunks: list) -> dict:

@@ -56,14 +56,7 @@ def _preflight(args) -> None:
 def _layout(args):
     from megatron_swift.platform import ParallelLayout
 
-    return ParallelLayout(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-    )
+    return ParallelLayout.from_args(args)
 
 
 def _overrides(args) -> dict:

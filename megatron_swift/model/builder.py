@@ -7,6 +7,7 @@ supports sequence parallelism).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -87,10 +88,12 @@ def _apply_rope_parameters(model, hf_config, settings: GPTSettings) -> None:
     rope.inv_freq = inv_freq.to(rope.inv_freq.device, rope.inv_freq.dtype)
 
 
-def build_model(hf_config, overrides: Optional[dict] = None, where: str = "config.json"):
+def build_model(hf_config, overrides: Optional[dict] = None, where: str = "config.json", meta: bool = False):
     """Builds this rank's model chunks: ``(list[GPTModel], TransformerConfig, GPTSettings)``.
 
-    Needs ``megatron_swift.platform.init_parallel`` with the layout in ``overrides`` first.
+    Needs ``megatron_swift.platform.init_parallel`` with the layout in ``overrides`` first. With
+    ``meta`` the parameters take no memory: names, shapes, TP attributes and ``sharded_state_dict``
+    work, values do not (the converters use this to plan reads and writes).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
@@ -108,19 +111,20 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp is not None else None
-        model = GPTModel(
-            config=config,
-            transformer_layer_spec=decoder_block_spec(config, vp_stage=stage),
-            vocab_size=settings.padded_vocab_size,
-            max_sequence_length=settings.max_sequence_length,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
-            share_embeddings_and_output_weights=settings.share_embeddings_and_output_weights,
-            position_embedding_type="rope",
-            rotary_base=settings.rotary_base,
-            parallel_output=True,
-            vp_stage=stage,
-        )
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=decoder_block_spec(config, vp_stage=stage),
+                vocab_size=settings.padded_vocab_size,
+                max_sequence_length=settings.max_sequence_length,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=settings.share_embeddings_and_output_weights,
+                position_embedding_type="rope",
+                rotary_base=settings.rotary_base,
+                parallel_output=True,
+                vp_stage=stage,
+            )
         _apply_rope_parameters(model, hf_config, settings)
-        chunks.append(model.to(get_platform().device))
+        chunks.append(model if meta else model.to(get_platform().device))
     return chunks, config, settings

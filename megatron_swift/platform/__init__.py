@@ -12,6 +12,7 @@ private single-process group), megatron's model-parallel groups and the RNG trac
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -147,6 +148,11 @@ class ParallelLayout:
     context_parallel_size: int = 1
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: Optional[int] = None
+
+    @classmethod
+    def from_args(cls, args) -> "ParallelLayout":
+        """From parsed arguments (the parallel sizes users give, named as in SPEC.md)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
     def data_parallel_size(self, world_size: int) -> int:
         model_parallel = (

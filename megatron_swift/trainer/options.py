@@ -36,14 +36,7 @@ _ALWAYS = (
 
 
 def parallel_layout(args) -> ParallelLayout:
-    return ParallelLayout(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-    )
+    return ParallelLayout.from_args(args)
 
 
 def params_dtype(args) -> torch.dtype:
