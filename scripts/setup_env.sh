@@ -24,6 +24,6 @@ if ! .venv/bin/python -c "import megatron_swift, megatron.core, pytest" 2>/dev/n
   pip_install --upgrade pip
   pip_install "torch==2.13.0"
   pip_install -e ".[test]"
-  .venv/bin/python -c "import megatron_swift, megatron.core, torch, transformers, pytest; print('setup_env: ready: torch', torch.__version__, '| megatron-core', __import__('megatron.core').core.__version__, '| transformers', transformers.__version__)"
+  .venv/bin/python -W ignore -c "import megatron_swift, megatron.core, torch, transformers, pytest; print('setup_env: ready: torch', torch.__version__, '| megatron-core', __import__('megatron.core').core.__version__, '| transformers', transformers.__version__)"
   touch .venv/.installed
 fi
