@@ -118,3 +118,20 @@ def test_rms_norm_marks_weight_for_sequence_parallel_grad_reduce():
     cfg, _ = transformer_config_from_hf(tiny_hf_config("qwen2"), {"tensor_model_parallel_size": 2,
                                                                  "sequence_parallel": True})
     assert RMSNorm(cfg, 64).weight.sequence_parallel is True
+
+
+def test_freezing_by_global_names_prefix_regex_ratio_and_trainable(megatron_world1):
+    from megatron_swift.trainer.model_setup import apply_freezing, global_parameter_names
+
+    def frozen_names(**kwargs):
+        chunks, config, _ = build_model(tiny_hf_config("qwen3", num_hidden_layers=4))
+        apply_freezing(chunks, config.num_layers, **kwargs)
+        return {n for n, p in global_parameter_names(chunks[0]) if not p.requires_grad}
+
+    assert frozen_names(freeze_parameters=["embedding."]) == {"embedding.word_embeddings.weight"}
+    ratio = frozen_names(freeze_parameters_ratio=0.5)
+    assert "embedding.word_embeddings.weight" in ratio
+    assert any(n.startswith("decoder.layers.1.") for n in ratio)
+    assert not any(n.startswith(("decoder.layers.2.", "decoder.layers.3.", "output_layer")) for n in ratio)
+    kept = frozen_names(freeze_parameters_regex=r"\.mlp\.", trainable_parameters=["decoder.layers.3."])
+    assert kept and all(".mlp." in n and not n.startswith("decoder.layers.3.") for n in kept)

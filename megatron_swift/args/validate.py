@@ -151,6 +151,17 @@ def _check_training_flags(args) -> None:
         for name in ("adapter_load", "adapters"):
             if getattr(args, name):
                 raise ArgumentError(f"argument --{name} needs --train_type lora")
+    # Accepted names whose feature is not built yet: refuse them rather than train something else.
+    not_built = {
+        "train_type": (args.train_type == "lora", "LoRA training on mcore is not built yet; use --train_type full"),
+        "save_safetensors": (args.save_safetensors, "saving HF safetensors during training is not built yet; "
+                             "convert the checkpoint with `megatron export --to_hf true`"),
+        "optimizer_cpu_offload": (args.optimizer_cpu_offload, "optimizer CPU offload is not built yet"),
+        "tp_comm_overlap": (args.tp_comm_overlap, "TP communication overlap (Transformer Engine) is not built yet"),
+    }
+    for name, (given, why) in not_built.items():
+        if given and args.command in ("pt", "sft"):
+            raise ArgumentError(f"argument --{name}: {why}")
     if args.command == "rlhf" and args.generation_batch_size is not None and args.steps_per_generation is not None:
         raise ArgumentError("arguments --generation_batch_size and --steps_per_generation are both given; "
                             "give only one")

@@ -98,3 +98,50 @@ def model_parameters(ddp_chunks: list) -> list[tuple[str, torch.nn.Parameter]]:
 
 def grad_of(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     return getattr(param, "main_grad", None) if getattr(param, "main_grad", None) is not None else param.grad
+
+
+def global_parameter_names(chunk: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """``named_parameters`` with each decoder layer's index made global (pipeline stages and
+    virtual chunks number their layers from 0; ``layer_number`` is global and 1-based)."""
+    import re
+
+    model = unwrap(chunk)
+    offsets = {}
+    decoder = getattr(model, "decoder", None)
+    for local, layer in enumerate(getattr(decoder, "layers", [])):
+        offsets[local] = layer.layer_number - 1
+    out = []
+    for name, param in model.named_parameters():
+        match = re.match(r"decoder\.layers\.(\d+)\.", name)
+        if match:
+            name = f"decoder.layers.{offsets[int(match.group(1))]}." + name[match.end():]
+        out.append((name, param))
+    return out
+
+
+def apply_freezing(chunks: list, num_layers: int, freeze_parameters=(), freeze_parameters_regex=None,
+                   freeze_parameters_ratio: float = 0.0, trainable_parameters=(),
+                   trainable_parameters_regex=None) -> int:
+    """Full-training freezing, by mcore parameter names with global layer indices
+    (``embedding.``, ``decoder.layers.3.``, ``decoder.final_layernorm``, ``output_layer``):
+    prefixes / a regex to freeze, ``freeze_parameters_ratio`` freezes the embedding and the first
+    ``round(ratio x num_layers)`` layers (bottom up); ``trainable_parameters*`` win over freezing.
+    Call before wrapping in DDP. Returns how many parameter tensors were frozen on this rank."""
+    import re
+
+    freeze_re = re.compile(freeze_parameters_regex) if freeze_parameters_regex else None
+    train_re = re.compile(trainable_parameters_regex) if trainable_parameters_regex else None
+    frozen_layers = round(freeze_parameters_ratio * num_layers)
+    count = 0
+    for chunk in chunks:
+        for name, param in global_parameter_names(chunk):
+            freeze = any(name.startswith(p) for p in freeze_parameters) or bool(freeze_re and freeze_re.search(name))
+            if frozen_layers:
+                layer = re.match(r"decoder\.layers\.(\d+)\.", name)
+                freeze |= name.startswith("embedding.") or bool(layer and int(layer.group(1)) < frozen_layers)
+            if any(name.startswith(p) for p in trainable_parameters) or bool(train_re and train_re.search(name)):
+                freeze = False
+            if freeze:
+                param.requires_grad_(False)
+                count += 1
+    return count

@@ -23,7 +23,7 @@ from . import options
 from .checkpoint import load_checkpoint, read_latest
 from .loop import LoopSettings, train, write_args_json_once
 from .lr_schedule import ScheduleSettings, build_scheduler
-from .model_setup import build_optimizer, wrap_ddp
+from .model_setup import apply_freezing, build_optimizer, wrap_ddp
 
 logger = logging.getLogger("megatron_swift")
 
@@ -75,6 +75,10 @@ def run_training(args) -> int:
 
     where = os.path.join(args.model_dir or str(args.model), "config.json")
     chunks, config, settings = build_model(hf_config, options.model_overrides(args), where=where)
+    frozen = apply_freezing(chunks, config.num_layers, args.freeze_parameters, args.freeze_parameters_regex,
+                            args.freeze_parameters_ratio, args.trainable_parameters, args.trainable_parameters_regex)
+    if frozen:
+        logger.info("froze %d parameter tensors on this rank", frozen)
     opt_settings = options.optimizer_settings(args)
     ddp_chunks = wrap_ddp(chunks, config, opt_settings)
     optimizer = build_optimizer(ddp_chunks, config, opt_settings)
