@@ -128,3 +128,14 @@ def test_sft_from_export_to_mcore_checkpoint_equals_sft_from_hf(demo, tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[name] = [r["loss"] for r in records(tmp_path / name)]
     assert runs["mcore"] == pytest.approx(runs["hf"], abs=1e-5), runs
+
+
+def test_hub_model_offline_and_not_cached_is_a_clear_error(demo, tmp_path):
+    args = sft_args(demo, tmp_path / "hub", iters=4)
+    args[args.index("--model") + 1] = "no-such-org/no-such-model"
+    env = worker_env(HF_HUB_OFFLINE=1, MODELSCOPE_OFFLINE=1, MODELSCOPE_CACHE=tmp_path / "ms",
+                     HF_HOME=tmp_path / "hf")
+    proc = subprocess.run([*MEGATRON, *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "megatron sft: error: --model 'no-such-org/no-such-model'" in proc.stderr
+    assert "offline" in proc.stderr and "Traceback" not in proc.stderr

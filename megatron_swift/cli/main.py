@@ -79,7 +79,14 @@ def run(argv: List[str]) -> int:
             return relaunch(command, rest, env)
     except ArgumentError as exc:
         return _error(prog, str(exc))
-    return dispatch(command, args)
+    try:
+        return dispatch(command, args)
+    except (ValueError, OSError) as exc:
+        # bad input found while running (a file, a tensor, a hub id): the message names it; the
+        # traceback is noise for the user (MEGATRON_SWIFT_DEBUG=1 shows it)
+        if os.environ.get("MEGATRON_SWIFT_DEBUG"):
+            raise
+        return _error(prog, str(exc))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

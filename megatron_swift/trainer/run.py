@@ -68,8 +68,14 @@ def _hf_weight_files(model_dir: str | None) -> list[str]:
 
 def run_training(args) -> int:
     _configure_logging()
-    hf_config = hf_config_of(args)
     init_parallel(options.parallel_layout(args), seed=args.seed)
+    if not args.model_dir:  # a hub id: each node's first rank fetches it into the cache first
+        from megatron_swift.data.pipeline import main_process_first
+        from megatron_swift.model.hub import resolve_model_dir
+
+        with main_process_first():
+            args.model_dir = resolve_model_dir(args.model, args.use_hf, args.hub_token, args.model_revision)
+    hf_config = hf_config_of(args)
 
     from megatron_swift.model import build_model
 
