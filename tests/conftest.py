@@ -9,3 +9,15 @@ def megatron_world1():
     from megatron_swift.platform import ParallelLayout, init_parallel
 
     return init_parallel(ParallelLayout(), seed=1234)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA (+ Transformer Engine); each has a CPU counterpart that always runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (CPU counterpart runs instead)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -135,3 +135,32 @@ def test_freezing_by_global_names_prefix_regex_ratio_and_trainable(megatron_worl
     assert not any(n.startswith(("decoder.layers.2.", "decoder.layers.3.", "output_layer")) for n in ratio)
     kept = frozen_names(freeze_parameters_regex=r"\.mlp\.", trainable_parameters=["decoder.layers.3."])
     assert kept and all(".mlp." in n and not n.startswith("decoder.layers.3.") for n in kept)
+
+
+@pytest.mark.gpu
+def test_transformer_engine_spec_matches_local_spec_on_gpu():
+    """GPU counterpart of test_family_forward_backward_world_size_1: with CUDA and Transformer
+    Engine the platform picks the TE layer spec, and the model runs forward and backward."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    code = r"""
+import torch
+from megatron_swift.platform import init_parallel, get_platform
+from megatron_swift.model import build_model
+from megatron_swift.model.builder import decoder_block_spec
+from megatron_swift.model.tiny import tiny_hf_config
+platform = init_parallel()
+assert platform.is_cuda and platform.has_transformer_engine, "needs CUDA + Transformer Engine"
+torch.manual_seed(0)
+(te_model,), cfg, st = build_model(tiny_hf_config("qwen3"))
+assert "TE" in type(te_model.decoder.layers[0].self_attention.linear_qkv).__name__
+ids = torch.randint(0, 1000, (1, 32), device="cuda"); pos = torch.arange(32, device="cuda")[None]
+loss = te_model(ids, pos, attention_mask=None, labels=ids).mean()
+loss.backward()
+print("ok", float(loss))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
