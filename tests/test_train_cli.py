@@ -139,3 +139,18 @@ def test_hub_model_offline_and_not_cached_is_a_clear_error(demo, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "megatron sft: error: --model 'no-such-org/no-such-model'" in proc.stderr
     assert "offline" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bf16_training_from_torch_dtype(demo, tmp_path):
+    """--torch_dtype bfloat16 -> bf16 params in megatron's Float16Module, fp32 main params in the
+    optimizer; the loss falls as in fp32 (oracle: the fp32 run's first loss, within bf16 noise)."""
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        save = tmp_path / dtype
+        proc = subprocess.run([*MEGATRON, *sft_args(demo, save, iters=6, extra=["--torch_dtype", dtype])],
+                              env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        losses[dtype] = [r["loss"] for r in records(save)]
+    assert json.loads((tmp_path / "bfloat16" / "args.json").read_text())["bf16"] is True
+    assert abs(losses["bfloat16"][0] - losses["float32"][0]) < 0.05, losses
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0] - 0.5, losses

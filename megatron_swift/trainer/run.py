@@ -81,6 +81,12 @@ def run_training(args) -> int:
 
     where = os.path.join(args.model_dir or str(args.model), "config.json")
     chunks, config, settings = build_model(hf_config, options.model_overrides(args), where=where)
+    if config.bf16 or config.fp16:
+        # megatron's half-precision wrapper: logits leave the last stage in fp32, so the loss and
+        # its reduction are computed in fp32 (the optimizer keeps fp32 main params)
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     frozen = apply_freezing(chunks, config.num_layers, args.freeze_parameters, args.freeze_parameters_regex,
                             args.freeze_parameters_ratio, args.trainable_parameters, args.trainable_parameters_regex)
     if frozen:
