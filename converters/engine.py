@@ -27,6 +27,8 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_swift.model.builder import unwrap
+
 from .registry import mapping_for
 from .hf_io import INDEX_FILE, HFCheckpoint, ShardPlan, ShardWriter, parse_size
 from .mapping import FamilyMapping, Rule, Source, format_key, split_name
@@ -35,13 +37,6 @@ from .transforms import Geometry, geometry, global_shape_of, hf_shapes, hf_to_lo
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while "module" in getattr(chunk, "_modules", {}):
-        chunk = chunk._modules["module"]
-    return chunk
 
 
 def _ps():

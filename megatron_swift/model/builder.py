@@ -22,6 +22,13 @@ from .config import GPTSettings, transformer_config_from_hf
 logger = logging.getLogger(__name__)
 
 
+def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while "module" in getattr(chunk, "_modules", {}):
+        chunk = chunk._modules["module"]
+    return chunk
+
+
 def _swap_modules(spec, replacements: dict):
     """Returns a copy of a (nested) ModuleSpec / submodules dataclass with classes replaced."""
     from megatron.core.transformer.spec_utils import ModuleSpec

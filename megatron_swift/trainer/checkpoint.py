@@ -98,11 +98,10 @@ def _restore_rng(state: dict) -> None:
 
 
 def _model_state(chunks: list) -> dict:
-    from .model_setup import unwrap
+    # the same structure `megatron export --to_mcore` writes, so either loads the other
+    from megatron_swift.converters.mcore_io import model_sharded_state_dict
 
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    return model_sharded_state_dict(chunks)
 
 
 def _model_sharded_for_optimizer(model_state: dict) -> dict:

@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from megatron_swift.model.builder import unwrap  # noqa: F401  (re-exported for trainer code)
+
 
 @dataclass
 class OptimizerSettings:
@@ -84,12 +86,6 @@ def zero_grads(ddp_chunks: list, optimizer) -> None:
     for chunk in ddp_chunks:
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-
-
-def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
 
 
 def model_parameters(ddp_chunks: list) -> list[tuple[str, torch.nn.Parameter]]:
