@@ -109,6 +109,15 @@ def _drop_errors(ds, stats: DropStats, remove: List[str]):
     return ds.remove_columns([c for c in remove if c in ds.column_names])
 
 
+def _drop_and_record(ds, name: str, step: str, stats):
+    """Drops the rows a map step marked as errors and records the counts (map-style datasets)."""
+    st = DropStats(name, step)
+    ds = _drop_errors(ds, st, ["__error", "__error_kind"])
+    if stats is not None:
+        stats.append(st)
+    return ds
+
+
 def _streaming_drop(ds, name: str, step: str):
     seen = {"n": 0}
 
@@ -136,11 +145,7 @@ def normalize_dataset(raw, name: str, *, columns=None, model_name=None, model_au
     fp = _fingerprint("normalize", raw._fingerprint, fn_kwargs)
     ds = raw.map(_normalize_batch, num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fp,
                  load_from_cache_file=load_from_cache_file, desc=f"preprocess {name}", **kw)
-    st = DropStats(name, "preprocess")
-    ds = _drop_errors(ds, st, ["__error", "__error_kind"])
-    if stats is not None:
-        stats.append(st)
-    return ds
+    return _drop_and_record(ds, name, "preprocess", stats)
 
 
 # ---------------------------------------------------------------------------------------- sample / split
@@ -347,8 +352,4 @@ def encode_dataset(ds, template, *, mode: str = "sft", strict: bool = False, num
     fp = _fingerprint("encode", ds._fingerprint, template.fingerprint(), mode, strict)
     out = ds.map(_encode_batch, num_proc=num_proc if num_proc > 1 else None, new_fingerprint=fp,
                  load_from_cache_file=load_from_cache_file, desc=f"encode {name}", **kw)
-    st = DropStats(name, "encode")
-    out = _drop_errors(out, st, ["__error", "__error_kind"])
-    if stats is not None:
-        stats.append(st)
-    return out
+    return _drop_and_record(out, name, "encode", stats)

@@ -70,6 +70,23 @@ def sharded_state_dict(chunks: list) -> dict:
     return {f"chunk{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def share_initial_weights(chunks: list, path: str, save: bool) -> bool:
+    """The reference run saves its initial weights; every layout loads them (megatron reshards).
+    Returns True when it saved."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_swift.model import unwrap
+
+    if save:
+        os.makedirs(path, exist_ok=True)
+        dist_checkpointing.save(sharded_state_dict(chunks), path)
+        return True
+    state = dist_checkpointing.load(sharded_state_dict(chunks), path)
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(state[f"chunk{i}"], strict=True)
+    return False
+
+
 def save_tensors(chunks: list, path: str, source: str = "params") -> None:
     """Saves params (or their finalized grads, swapped in for the save) as a dist checkpoint."""
     from megatron.core import dist_checkpointing
@@ -92,7 +109,6 @@ def save_tensors(chunks: list, path: str, source: str = "params") -> None:
 
 def main():
     args = parse()
-    from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from megatron_swift.model import build_model
@@ -117,13 +133,7 @@ def main():
     ddp_chunks = wrap_ddp(chunks, config, opt)
     optimizer = build_optimizer(ddp_chunks, config, opt)
 
-    if args.save_init:
-        os.makedirs(args.init_ckpt, exist_ok=True)
-        dist_checkpointing.save(sharded_state_dict(ddp_chunks), args.init_ckpt)
-    else:
-        state = dist_checkpointing.load(sharded_state_dict(ddp_chunks), args.init_ckpt)
-        for i, chunk in enumerate(ddp_chunks):
-            chunk.module.load_state_dict(state[f"chunk{i}"], strict=True)
+    if not share_initial_weights(ddp_chunks, args.init_ckpt, save=args.save_init):
         # the optimizer's fp32 main params were copied at construction; refresh them
         optimizer.reload_model_params()
 

@@ -59,17 +59,10 @@ def main():
                   seed=3)
     hf = tiny_hf_config(args.family, num_hidden_layers=args.num_layers)
     chunks, config, settings = build_model(hf, {"calculate_per_token_loss": True, "sequence_parallel": args.sp})
-    if args.init_ckpt:
-        from parity_worker import sharded_state_dict
-        from megatron.core import dist_checkpointing
+    if args.init_ckpt:  # before the optimizer exists, so its main params start from these weights
+        from parity_worker import share_initial_weights
 
-        if args.save_init:
-            os.makedirs(args.init_ckpt, exist_ok=True)
-            dist_checkpointing.save(sharded_state_dict(chunks), args.init_ckpt)
-        else:
-            loaded = dist_checkpointing.load(sharded_state_dict(chunks), args.init_ckpt)
-            for i, chunk in enumerate(chunks):
-                chunk.load_state_dict(loaded[f"chunk{i}"], strict=True)
+        share_initial_weights(chunks, args.init_ckpt, save=args.save_init)
     opt = OptimizerSettings(lr=3e-3, use_distributed_optimizer=args.distributed_optimizer)
     ddp_chunks = wrap_ddp(chunks, config, opt)
     optimizer = build_optimizer(ddp_chunks, config, opt)
