@@ -6,6 +6,8 @@
   DIR/chat.jsonl    a small self-cognition + arithmetic chat dataset (messages format)
 ``python -m megatron_swift.demo generate --model HF_DIR`` answers the demo questions with
 transformers (the oracle that the exported model is a working HF model).
+``prepare_model`` and ``long_tailed_rows`` are the pieces tests and benchmarks use for other
+families (e.g. a tiny Qwen3-MoE) and for chat data whose lengths vary like real data.
 Everything is deterministic (fixed seeds).
 """
 
@@ -42,29 +44,65 @@ def demo_rows(seed: int = 0) -> list[dict]:
     return rows
 
 
-def prepare(out: str, family: str = "qwen3", seed: int = 0) -> dict:
+_WORDS = ("the model reads a long answer about data training tokens and batches then writes a short reply "
+          "with numbers like 1 2 3 and some more text about cities weather code python lists").split()
+
+
+def long_tailed_rows(n: int, seed: int = 0, max_words: int = 300) -> list[dict]:
+    """Chat rows whose answer lengths are log-normal (a few words to ``max_words``), like real chat
+    data: every micro batch, and so every data-parallel rank, holds a different number of tokens."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = max(2, min(max_words, int(rng.lognormvariate(3.0, 0.9))))
+        rows.append({"messages": [
+            {"role": "user", "content": f"question {i}: tell me about {rng.choice(_WORDS)}"},
+            {"role": "assistant", "content": " ".join(rng.choice(_WORDS) for _ in range(words))},
+        ]})
+    return rows
+
+
+# The tiny models' shape: 4 layers, hidden 128, GQA 4/2 heads (head_dim 32), tied embeddings.
+TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, tie_word_embeddings=True)
+# MoE variant: 8 experts, top 2 (expert parallelism up to 8), HF's load-balancing coefficient.
+TINY_MOE_SHAPE = dict(TINY_SHAPE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64,
+                      router_aux_loss_coef=0.001)
+
+
+def prepare_model(model_dir: str, family: str = "qwen3", seed: int = 0, **overrides) -> str:
+    """A real HF checkpoint of ``family`` (random init, safetensors, fp32) with a tiny BPE tokenizer
+    carrying the family's chat template. Shape: ``TINY_SHAPE`` (``TINY_MOE_SHAPE`` for MoE
+    families), then ``overrides``."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from megatron_swift.model.tiny import tiny_hf_config
     from megatron_swift.template.tiny_tokenizer import make_tiny_tokenizer
 
-    model_dir = os.path.join(out, f"tiny-{family}")
     os.makedirs(model_dir, exist_ok=True)
-    tokenizer = make_tiny_tokenizer(model_dir, family)
-    config = tiny_hf_config(family, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                            vocab_size=len(tokenizer), tie_word_embeddings=True,
-                            bos_token_id=None, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    tokenizer = make_tiny_tokenizer(model_dir, "qwen3" if family.startswith("qwen3") else family)
+    shape = dict(TINY_MOE_SHAPE if family.endswith("_moe") else TINY_SHAPE, **overrides)
+    config = tiny_hf_config(family, **shape, vocab_size=len(tokenizer), bos_token_id=None,
+                            eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                             pad_token_id=tokenizer.pad_token_id, torch_dtype="float32")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(model_dir, safe_serialization=True)
-    data_path = os.path.join(out, "chat.jsonl")
-    with open(data_path + ".tmp", "w") as f:
-        for row in demo_rows(seed):
+    return model_dir
+
+
+def write_jsonl(path: str, rows: list[dict]) -> str:
+    with open(path + ".tmp", "w") as f:
+        for row in rows:
             f.write(json.dumps(row) + "\n")
-    os.replace(data_path + ".tmp", data_path)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def prepare(out: str, family: str = "qwen3", seed: int = 0) -> dict:
+    model_dir = prepare_model(os.path.join(out, f"tiny-{family}"), family, seed)
+    data_path = write_jsonl(os.path.join(out, "chat.jsonl"), demo_rows(seed))
     return {"model": model_dir, "dataset": data_path}
 
 

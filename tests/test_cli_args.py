@@ -524,3 +524,21 @@ def test_nproc_per_node_relaunches_under_torchrun(tmp_path):
 def test_context_parallel_without_transformer_engine_is_a_clear_early_error(model):
     message = error_of(sft, model, "--context_parallel_size", "2", world_size=2)
     assert "--context_parallel_size" in message and "Transformer Engine" in message
+
+
+def test_moe_layouts_that_cannot_run_are_refused_early(tmp_path):
+    moe = make_model(tmp_path, "moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+    # allgather over an expert group that spans data-parallel replicas (their micro batches differ in size)
+    msg = error_of(sft, moe, "--expert_model_parallel_size", "2", "--moe_token_dispatcher_type", "allgather",
+                   "--global_batch_size", "8", world_size=2)
+    assert "--moe_token_dispatcher_type allgather" in msg and "alltoall" in msg
+    # ... fine inside one TP group (equal shares of one micro batch) and under pipeline parallelism (fixed shapes)
+    sft(moe, "--tensor_model_parallel_size", "2", "--sequence_parallel", "true", "--expert_model_parallel_size", "2",
+        "--expert_tensor_parallel_size", "1", "--moe_token_dispatcher_type", "allgather", world_size=2)
+    assert "flex" in error_of(sft, moe, "--moe_token_dispatcher_type", "flex")
+    msg = error_of(sft, moe, "--moe_router_load_balancing_type", "seq_aux_loss")
+    assert "seq_aux_loss" in msg and "--padding_free false" in msg
+    sft(moe, "--moe_router_load_balancing_type", "seq_aux_loss", "--padding_free", "false")
+    assert "--moe_aux_loss_coeff" in error_of(sft, moe, "--moe_router_load_balancing_type", "sinkhorn",
+                                              "--moe_aux_loss_coeff", "0.01")
+    sft(moe, "--moe_router_load_balancing_type", "sinkhorn")

@@ -254,6 +254,7 @@ def test_collator_layouts():
     assert pad["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
     assert pad["labels"].tolist() == [[2, 3, IGNORE], [5, IGNORE, IGNORE]]
     assert pad["position_ids"].tolist() == [[0, 1, 2], [0, 1, 2]] and "packed_seq_params" not in pad
+    assert pad["padding_mask"].tolist() == [[False, False, False], [False, False, True]]
     thd = Collator(pad_token_id=0, padding_free=True, pad_to_multiple_of=4)(samples)
     p = thd["packed_seq_params"]
     assert thd["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0, 0, 0]]
@@ -261,6 +262,7 @@ def test_collator_layouts():
     assert thd["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert p.qkv_format == "thd" and p.cu_seqlens_q.tolist() == [0, 3, 5, 8] and p.cu_seqlens_q.dtype == torch.int32
     assert p.max_seqlen_q == 3 and p.cu_seqlens_kv is p.cu_seqlens_q
+    assert thd["padding_mask"].tolist() == [[False] * 5 + [True] * 3]
     fixed = Collator(pad_token_id=0, padding_free=False, fixed_length=6)(samples)
     assert fixed["input_ids"].shape == (2, 6)
     pair = Collator(pad_token_id=0)([{"chosen_input_ids": [1, 2], "chosen_labels": [IGNORE, 2],
@@ -318,7 +320,7 @@ def test_prepare_data_end_to_end_with_packing_and_preview(tmp_path, tokenizer):
     assert len(data.train) < 30  # packs
     assert os.listdir(tmp_path / "packs")
     batch = next(data.train_iterator(micro_batch_size=2))
-    assert set(batch) == {"input_ids", "labels", "position_ids", "packed_seq_params"}
+    assert set(batch) == {"input_ids", "labels", "position_ids", "padding_mask", "packed_seq_params"}
     cu = batch["packed_seq_params"].cu_seqlens_q.tolist()
     assert batch["input_ids"].shape == (1, cu[-1]) and cu[-1] <= 2 * 128 and len(cu) > 3
     for a, b in zip(cu[:-1], cu[1:]):

@@ -118,3 +118,26 @@ def test_data_parallel_2_with_distributed_optimizer_equals_single_process(megatr
     # reference: one process, plain (non-distributed) Adam over the whole global batch
     ref, out = run_parallel(reference, "qwen2", "dp2_distopt", ["--distributed_optimizer"])
     assert_same_step(ref, out, grads=False)
+
+
+def test_moe_router_losses_under_tp2_sp_equal_single_process(megatron_world1, reference):
+    """Qwen3-MoE with its load-balancing loss on (router_aux_loss_coef 0.001): under TP + sequence
+    parallelism each rank routes half the tokens; the router-loss gradient must still be the
+    single process's (megatron-core 0.16's own router scales it by 1/TP, see the next test)."""
+    ref, out = run_parallel(reference, "qwen3_moe", "tp2_sp", ["--tp", "2", "--sp"])
+    assert_same_step(ref, out)
+
+
+def test_upstream_router_loss_gradient_depends_on_tp(megatron_world1, reference):
+    """Reproduces the megatron-core 0.16 behaviour our router corrects (model/moe_router.py): with
+    its TopKRouter, TP2 + SP gives the router weights a different gradient than one process."""
+    from megatron_swift.platform.mcore_compat import megatron_core_version
+
+    ref, out = run_parallel(reference, "qwen3_moe", "tp2_sp_upstream_router", ["--tp", "2", "--sp",
+                                                                                  "--upstream_router"])
+    expected, actual = load(ref / "grads"), load(out / "grads")
+    routers = [k for k in expected if k.endswith("mlp.router.weight")]
+    assert routers
+    differs = any(not torch.allclose(actual[k], expected[k], rtol=1e-4, atol=1e-6) for k in routers)
+    if megatron_core_version() < (0, 17, 0):
+        assert differs, "megatron-core's router no longer depends on TP: model/moe_router.py may be retired"

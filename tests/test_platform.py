@@ -110,9 +110,33 @@ def test_cpu_model_settings_are_adjusted_before_config_validation():
     fields = dict(num_moe_experts=4, moe_token_dispatcher_type="alltoall", apply_rope_fusion=True,
                   batch_p2p_comm=True)
     changes = get_platform().adjust_model_fields(fields)
-    assert fields["moe_token_dispatcher_type"] == "allgather"
+    assert fields["moe_token_dispatcher_type"] == "alltoall"  # runs on gloo (mcore_compat)
     assert fields["apply_rope_fusion"] is False and fields["batch_p2p_comm"] is False
-    assert any("alltoall" in c for c in changes)
+    assert any("apply_rope_fusion" in c for c in changes)
+
+
+def test_alltoall_dispatcher_split_sizes_reach_gloo_as_numpy(megatron_world1):
+    """megatron-core 0.16 converts the alltoall dispatcher's split sizes to numpy only for CUDA
+    tensors; gloo's all_to_all_single rejects tensors (reproduced here). mcore_compat's workaround
+    gives the dispatcher numpy arrays on CPU, as NCCL gets them."""
+    import numpy as np
+    import torch.distributed as dist
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    from megatron_swift.platform.mcore_compat import WORKAROUNDS, megatron_core_version
+
+    sizes = torch.tensor([3])
+    upstream = moe_utils.maybe_move_tensor_to_cpu(sizes, as_numpy=True)
+    if megatron_core_version() < (0, 17, 0):
+        assert torch.is_tensor(upstream), "megatron-core converts CPU split sizes now: retire the workaround"
+    with pytest.raises(TypeError):
+        dist.all_to_all_single(torch.empty(3), torch.ones(3), output_split_sizes=upstream, input_split_sizes=upstream)
+    fixed = token_dispatcher.maybe_move_tensor_to_cpu(sizes, as_numpy=True)
+    assert isinstance(fixed, np.ndarray)
+    out = torch.empty(3)
+    dist.all_to_all_single(out, torch.ones(3), output_split_sizes=fixed, input_split_sizes=fixed)
+    assert out.tolist() == [1.0, 1.0, 1.0]
+    assert any(w.name == "alltoall_split_sizes_as_lists" and w.applies("cpu") for w in WORKAROUNDS)
 
 
 def test_top_level_kernels_folder_does_not_shadow_hf_kernels():

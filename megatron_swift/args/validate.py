@@ -42,6 +42,8 @@ def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None) -> 
     _check_context_parallel_backend(args)
     _check_model_shape(args)
     if training:
+        _check_moe_layout(args)
+    if training:
         _check_training_paths(args)
         _resolve_training_defaults(args)
     if args.command == "rlhf":
@@ -196,6 +198,39 @@ def _check_context_parallel_backend(args) -> None:
         raise ArgumentError("argument --context_parallel_size > 1 needs Transformer Engine's attention "
                             "(pip install megatron-swift[gpu] on a CUDA machine); megatron-core's local "
                             "attention has no context parallelism")
+
+
+def _check_moe_layout(args) -> None:
+    """MoE settings that cannot run with this layout or batch format (caught here, not in a worker)."""
+    if _num_experts(args) is None:
+        return
+    dispatcher = args.moe_token_dispatcher_type
+    if dispatcher == "flex" and importlib.util.find_spec("deep_ep") is None:
+        raise ArgumentError("argument --moe_token_dispatcher_type flex needs DeepEP's GPU kernels (deep_ep is not "
+                            "installed); use alltoall")
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    ep = args.expert_model_parallel_size
+    etp = args.expert_tensor_parallel_size or tp
+    if dispatcher == "allgather" and ep > 1 and (tp * cp) % (ep * etp) and args.pipeline_model_parallel_size == 1:
+        # The allgather dispatcher gathers equal-sized token blocks over the expert group. Ranks of one
+        # TP x CP group hold equal shares of the same micro batch; ranks of different data-parallel
+        # replicas hold different micro batches, whose sizes vary (pipeline parallelism fixes them).
+        raise ArgumentError(
+            f"argument --moe_token_dispatcher_type allgather: the expert-parallel group "
+            f"(--expert_model_parallel_size {ep} x --expert_tensor_parallel_size {etp}) spans data-parallel "
+            f"replicas whose micro batches differ in size; use --moe_token_dispatcher_type alltoall (or keep "
+            f"expert_model_parallel_size x expert_tensor_parallel_size within tensor_model_parallel_size "
+            f"x context_parallel_size = {tp * cp})")
+    balancing = args.moe_router_load_balancing_type
+    if balancing == "seq_aux_loss" and (args.padding_free or args.packing):
+        raise ArgumentError("argument --moe_router_load_balancing_type seq_aux_loss balances each row of a micro "
+                            "batch, and a padding-free or packed row holds several sequences; use "
+                            "--padding_free false (and --packing false), or --moe_router_load_balancing_type "
+                            "aux_loss")
+    if balancing == "sinkhorn" and (args.moe_aux_loss_coeff or 0) > 0:
+        raise ArgumentError(f"argument --moe_aux_loss_coeff {args.moe_aux_loss_coeff}: sinkhorn routing has no "
+                            f"auxiliary loss; leave --moe_aux_loss_coeff unset (or 0) with "
+                            f"--moe_router_load_balancing_type sinkhorn")
 
 
 # ------------------------------------------------------------------------------ model / HF config
@@ -384,9 +419,33 @@ def _check_world(args, world_size: int) -> None:
 
 # ------------------------------------------------------------------------------------- training
 
+def _saved_args(path: str) -> dict:
+    """``<checkpoint dir>/args.json`` of the run that wrote it ({} if absent or unreadable)."""
+    try:
+        with open(os.path.join(os.path.expanduser(path), "args.json"), encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check_resume_optimizer(args) -> None:
+    """The distributed and the plain optimizer store their state differently: a resume cannot switch."""
+    if args.finetune or args.no_load_optim:
+        return
+    saved = _saved_args(args.load).get("use_distributed_optimizer")
+    if isinstance(saved, bool) and saved != args.use_distributed_optimizer:
+        raise ArgumentError(
+            f"argument --use_distributed_optimizer {str(args.use_distributed_optimizer).lower()}: the checkpoint in "
+            f"--load {args.load} holds the state of a {'distributed' if saved else 'plain'} optimizer; resume with "
+            f"--use_distributed_optimizer {str(saved).lower()}, or load the model weights only with "
+            f"--no_load_optim true")
+
+
 def _check_training_paths(args) -> None:
     if args.load is not None:
         _check_checkpoint_dir("load", args.load, args.exit_on_missing_checkpoint)
+        _check_resume_optimizer(args)
     if args.adapter_load is not None:
         _check_checkpoint_dir("adapter_load", args.adapter_load, args.exit_on_missing_checkpoint)
     if args.command == "rlhf":

@@ -6,6 +6,8 @@ A micro batch is a dict of ``[rows, seq]`` tensors:
 * ``labels``       *shifted*: ``labels[t]`` is the target of position ``t``; -100 = no loss. The last
                    label of every sequence is -100, so nothing is predicted across a boundary.
 * ``position_ids`` 0..len-1 per sequence
+* ``padding_mask`` True where a token is padding (right padding, the THD padding segment): MoE
+                   routers leave those tokens out of their load statistics
 * ``packed_seq_params`` (THD only) ``PackedSeqParams(qkv_format="thd", cu_seqlens_q/kv, max_seqlen_q/kv)``
 
 Layouts:
@@ -108,7 +110,9 @@ class Collator:
             input_ids[row, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
             labels[row, :len(ids)] = torch.as_tensor(shift_labels(lab), dtype=torch.long)
         position_ids = torch.arange(length, dtype=torch.long).unsqueeze(0).expand(n, -1).contiguous()
-        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+        lengths = torch.tensor([len(ids) for ids, _ in seqs]).unsqueeze(1)
+        padding_mask = torch.arange(length).unsqueeze(0) >= lengths
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "padding_mask": padding_mask}
 
     def _thd(self, seqs) -> Dict[str, Any]:
         from megatron.core.packed_seq_params import PackedSeqParams
@@ -136,10 +140,13 @@ class Collator:
         max_len = int(max(lengths))
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        padding_mask = torch.zeros(1, target, dtype=torch.bool)
+        padding_mask[0, total:] = True
         return {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long),
+            "padding_mask": padding_mask,
             "packed_seq_params": params,
         }
 

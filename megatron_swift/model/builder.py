@@ -2,7 +2,8 @@
 
 Layer spec: Transformer Engine's where TE imports (the platform says), otherwise megatron-core's
 local spec with the modules it lacks swapped in from ``megatron_swift.kernels`` (an RMSNorm that
-supports sequence parallelism).
+supports sequence parallelism, THD attention). Either way MoE layers get ``moe_router.TopKRouter``
+(router-loss gradients independent of the parallel layout).
 """
 
 from __future__ import annotations
@@ -71,14 +72,19 @@ def _local_replacements() -> dict:
 def decoder_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
+    from megatron.core.transformer.moe.router import TopKRouter as MegatronTopKRouter
+
+    from .moe_router import TopKRouter
+
     use_te = get_platform().has_transformer_engine
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization,
         vp_stage=vp_stage, pp_rank=pp_rank,
     )
+    replacements = {MegatronTopKRouter: TopKRouter}  # layout-invariant router-loss scaling
     if not use_te:
-        spec = _swap_modules(copy.copy(spec), _local_replacements())
-    return spec
+        replacements.update(_local_replacements())
+    return _swap_modules(copy.copy(spec), replacements)
 
 
 def _apply_rope_parameters(model, hf_config, settings: GPTSettings) -> None:

@@ -63,9 +63,7 @@ class Platform:
 
         Called on the field dict before ``TransformerConfig`` is constructed (its validation
         rejects fusions whose kernels are missing). On CPU: no fused kernels (TE/apex/triton);
-        megatron-core 0.16's alltoall MoE dispatcher hands split sizes to gloo as tensors (a
-        TypeError in the binding), so MoE uses the allgather dispatcher, which gives the same
-        numbers; batched p2p (``batch_isend_irecv``) over gloo delivered wrong activations to later
+        batched p2p (``batch_isend_irecv``) over gloo delivered wrong activations to later
         microbatches in the interleaved (virtual) pipeline schedule with tied embeddings
         (measured: microbatches 3+ differed from a single process), unbatched p2p matches exactly.
         """
@@ -78,8 +76,6 @@ class Platform:
                 changes.append(f"{name} {fields.get(name)} -> {value} ({why})")
             fields[name] = value
 
-        if fields.get("num_moe_experts") and fields.get("moe_token_dispatcher_type") in ("alltoall", "flex"):
-            force("moe_token_dispatcher_type", "allgather", "alltoall/flex need CUDA in megatron-core 0.16")
         force("batch_p2p_comm", False, "batched p2p over gloo misroutes interleaved-pipeline messages")
         for flag in ("gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion",
                      "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm",
@@ -106,6 +102,10 @@ def get_platform() -> Platform:
 
             cpu_compat.install()
             _PLATFORM = Platform("cpu", "gloo")
+        from . import mcore_compat
+
+        for name in mcore_compat.install(_PLATFORM.device_type):
+            logger.debug("megatron-core workaround installed: %s", name)
     return _PLATFORM
 
 

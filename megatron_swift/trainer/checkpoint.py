@@ -160,6 +160,20 @@ def _materialize_optimizer_state(optimizer) -> None:
             init()
 
 
+def _optimizer_kind(optimizer) -> Optional[str]:
+    """"distributed" or "plain": their checkpoint formats differ (the state cannot cross)."""
+    if optimizer is None:
+        return None
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "distributed" if any(isinstance(o, DistributedOptimizer) for o in parts) else "plain"
+
+
+class OptimizerStateMismatch(ValueError):
+    """The checkpoint's optimizer state cannot be loaded into this run's optimizer."""
+
+
 def _state_dict(chunks, optimizer, scheduler, iteration, data_state, save_optim, save_rng, loading):
     state = _model_state(chunks)
     if optimizer is not None and save_optim:
@@ -172,7 +186,7 @@ def _state_dict(chunks, optimizer, scheduler, iteration, data_state, save_optim,
     state["iteration"] = iteration
     state["data_state"] = data_state
     state["saved_parts"] = {"optimizer": optimizer is not None and save_optim, "rng": save_rng,
-                            "rng_layout": _tp_pp_layout()}
+                            "rng_layout": _tp_pp_layout(), "optimizer_kind": _optimizer_kind(optimizer)}
     state["checkpoint_version"] = 3.0
     return state
 
@@ -218,6 +232,7 @@ def load_checkpoint(load_dir: str, chunks: list, optimizer=None, scheduler=None,
                     load_optim: bool = True, load_rng: bool = True) -> LoadedCheckpoint:
     """Loads ``<load_dir>/<latest>`` into the model (and optimizer/scheduler/RNG unless finetune)."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
     latest = read_latest(load_dir)
     if latest is None:
@@ -234,11 +249,26 @@ def load_checkpoint(load_dir: str, chunks: list, optimizer=None, scheduler=None,
                        saved.get("rng_layout"), _tp_pp_layout())
         load_rng = False
     if load_optim:
+        saved_kind, kind = saved.get("optimizer_kind"), _optimizer_kind(optimizer)
+        if saved_kind is not None and saved_kind != kind:
+            raise OptimizerStateMismatch(
+                f"--load {load_dir}: {directory} holds the state of a {saved_kind} optimizer and this run uses a "
+                f"{kind} one (--use_distributed_optimizer {str(kind == 'distributed').lower()}); resume with "
+                f"--use_distributed_optimizer {str(saved_kind == 'distributed').lower()}, or load the model weights "
+                f"only with --no_load_optim true")
         _tolerate_step_in_reshardable_load()
         _materialize_optimizer_state(optimizer)
     state = _state_dict(chunks, optimizer if load_optim else None, scheduler if load_optim else None, 0, {},
                         save_optim=load_optim, save_rng=load_rng, loading=True)
-    loaded = dist_checkpointing.load(state, directory)
+    try:
+        loaded = dist_checkpointing.load(state, directory)
+    except (KeyError, CheckpointingException) as exc:
+        if not load_optim or "optimizer" not in str(exc):
+            raise
+        raise OptimizerStateMismatch(
+            f"--load {load_dir}: the optimizer state in {directory} does not match this run's optimizer (it was "
+            f"saved by another version or optimizer setup; {str(exc)[:300]}...); load the model weights only with "
+            f"--no_load_optim true") from None
     from .model_setup import unwrap
 
     model_keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]

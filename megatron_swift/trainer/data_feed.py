@@ -19,7 +19,10 @@ import torch.distributed
 class TrainingData:
     batches_for_step: Callable[[int], list]
     eval_batches: Optional[Callable[[], Iterator[list]]]
-    seq_length: int  # what megatron's pipeline schedule sends between stages
+    # The shape megatron's pipeline schedule sends between stages: [seq_length, rows, hidden]. A
+    # padding-free (THD) micro batch is one row of all its sequences, whatever --micro_batch_size.
+    seq_length: int
+    rows_per_micro_batch: int
     template_name: Optional[str]
     num_train_samples: Optional[int]
     iters_for_epochs: Callable[[int], int]
@@ -45,7 +48,7 @@ def build_training_data(args) -> TrainingData:
     mbs = args.micro_batch_size
     num_micro = args.global_batch_size // (mbs * dp_size)
     device = get_platform().device
-    seq_length, _ = data.collator.schedule_shape(mbs, data.max_length or 0)
+    seq_length, rows = data.collator.schedule_shape(mbs, data.max_length or 0)
 
     def to_device(batch: dict) -> dict:
         return move_batch(batch, device)
@@ -81,5 +84,5 @@ def build_training_data(args) -> TrainingData:
 
     template_name = getattr(data.template, "name", None)
     return TrainingData(batches_for_step=batches_for_step, eval_batches=eval_batches, seq_length=seq_length,
-                        template_name=template_name, num_train_samples=data.num_train_samples,
+                        rows_per_micro_batch=rows, template_name=template_name, num_train_samples=data.num_train_samples,
                         iters_for_epochs=iters_for_epochs)

@@ -17,7 +17,7 @@ from megatron_swift.platform import get_platform
 
 from .checkpoint import save_checkpoint
 from .metrics import MetricsLogger
-from .step import StepResult, forward_backward, train_step
+from .step import StepResult, forward_backward, router_losses, step_loss_tokens, train_step
 
 logger = logging.getLogger("megatron_swift")
 
@@ -25,6 +25,7 @@ logger = logging.getLogger("megatron_swift")
 @dataclass
 class LoopSettings:
     train_iters: int
+    # the schedule's [seq_length, micro_batch_size] (a THD micro batch is one row: size 1)
     micro_batch_size: int
     seq_length: int
     log_interval: int = 5
@@ -77,7 +78,9 @@ def _iterators(ddp_chunks: list, microbatches: list):
 
 
 def _real_tokens(microbatches: list) -> int:
-    return sum(int(mb.get("num_real_tokens", mb["input_ids"].numel())) for mb in microbatches)
+    """Tokens that are not padding (right padding, THD padding segments)."""
+    return sum(int(mb["padding_mask"].numel() - mb["padding_mask"].sum()) if "padding_mask" in mb
+               else mb["input_ids"].numel() for mb in microbatches)
 
 
 def _dp_sum(value: int) -> int:
@@ -127,14 +130,16 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
         while state.iteration < settings.train_iters:
             microbatches = batches_for_step(state.iteration)
             result = train_step(ddp_chunks, optimizer, _iterators(ddp_chunks, microbatches), len(microbatches),
-                                settings.seq_length, settings.micro_batch_size)
+                                settings.seq_length, settings.micro_batch_size,
+                                loss_tokens=step_loss_tokens(microbatches))
             lr = optimizer.param_groups[0]["lr"]  # the lr this step used
             scheduler.step(increment=1)
             state.iteration += 1
             state.last = result
             state.losses.append(result.loss)
             metrics.step(state.iteration, result.loss, lr, result.grad_norm,
-                         _dp_sum(_real_tokens(microbatches)), result.num_tokens)
+                         _dp_sum(_real_tokens(microbatches)), result.num_tokens,
+                         extra=router_losses(ddp_chunks[0].config, len(microbatches)))
             if eval_batches and settings.eval_interval and state.iteration % settings.eval_interval == 0:
                 eval_loss = evaluate(ddp_chunks, eval_batches, settings)
                 if eval_loss is not None:

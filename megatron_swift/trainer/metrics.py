@@ -68,7 +68,8 @@ class MetricsLogger:
                          mininterval=1.0, disable=not sys.stderr.isatty())
 
     def step(self, iteration: int, loss: float, lr: float, grad_norm: Optional[float], real_tokens: int,
-             loss_tokens: int) -> Optional[dict]:
+             loss_tokens: int, extra: Optional[dict] = None) -> Optional[dict]:
+        """``extra``: further per-step numbers (e.g. MoE router losses), logged as given."""
         self._window_tokens += real_tokens
         if not self.enabled:
             return None
@@ -87,6 +88,7 @@ class MetricsLogger:
             "loss_tokens": loss_tokens, "elapsed": _fmt_seconds(elapsed), "remaining": _fmt_seconds(remaining),
             "memory_gib": round(_memory_gib(), 3),
         }
+        record.update({k: round(v, 6) for k, v in (extra or {}).items()})
         self._window_tokens, self._window_start = 0, now
         self._write(record, prefix="train")
         self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -94,6 +96,7 @@ class MetricsLogger:
             f"iter {iteration}/{self.total_iters} | loss {loss:.4f} | lr {lr:.3e} | grad_norm "
             f"{record['grad_norm']} | tokens/s {record['tokens_per_sec']:.1f} | elapsed {record['elapsed']} | "
             f"remaining {record['remaining']} | mem {record['memory_gib']:.2f} GiB"
+            + "".join(f" | {k} {v:.4g}" for k, v in (extra or {}).items())
         )
         return record
 

@@ -30,8 +30,25 @@ class OptimizerSettings:
     overlap_param_gather: bool = False
 
 
+def _experts_reduced_as_expert_parallel(chunks: list) -> None:
+    """Routed-expert parameters take megatron's expert-parallel path even at EP = 1.
+
+    megatron-core marks expert weights ``allreduce=False`` (reduced over the expert-data-parallel
+    group, a separate optimizer in a ChainedOptimizer) only when EP > 1. The optimizer's checkpoint
+    keys then depend on EP (``chained_0./chained_1.`` prefixes or none) and a checkpoint cannot move
+    between EP = 1 and EP > 1. At EP = 1 the expert-data-parallel group is the data-parallel group,
+    so the expert path computes the same sums; taking it always gives one key scheme for all layouts.
+    """
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if ".mlp.experts." in name:
+                param.allreduce = False
+
+
 def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    _experts_reduced_as_expert_parallel(chunks)
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,

@@ -56,6 +56,8 @@ def model_overrides(args) -> dict:
     for user_name, field in _RENAMED.items():
         if getattr(args, user_name) is not None:
             overrides[field] = getattr(args, user_name)
+    if args.moe_router_load_balancing_type in ("sinkhorn", "none") and args.moe_aux_loss_coeff is None:
+        overrides["moe_aux_loss_coeff"] = 0.0  # no auxiliary loss (config.json's coefficient does not apply)
     if args.untie_embeddings_and_output_weights is not None:
         overrides["share_embeddings_and_output_weights"] = not args.untie_embeddings_and_output_weights
     if args.swiglu is False:

@@ -132,7 +132,7 @@ def run_training(args) -> int:
     write_args_json_once(args, save_dir, extra={"model_type": hf_config.model_type, "template": data.template_name,
                                                "hf_config": hf_config.to_dict(), "model_dir": args.model_dir})
     loop = LoopSettings(
-        train_iters=train_iters, micro_batch_size=args.micro_batch_size, seq_length=data.seq_length,
+        train_iters=train_iters, micro_batch_size=data.rows_per_micro_batch, seq_length=data.seq_length,
         log_interval=args.log_interval, save_dir=save_dir, save_interval=args.save_interval,
         save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
         tensorboard_dir=args.tensorboard_dir or os.path.join(save_dir, "runs"),

@@ -10,6 +10,7 @@ same objective.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Optional
@@ -28,6 +29,24 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": report}
 
 
+def _moe_padding_mask(model, padding_mask: Optional[torch.Tensor]) -> dict:
+    """``padding_mask`` for MoE models (routers leave padding out of their load statistics).
+
+    megatron-core scatters the mask for sequence parallelism only on the first pipeline stage (where
+    it embeds the tokens); later stages get it already scattered, in the hidden states' layout."""
+    from megatron_swift.model import unwrap
+
+    gpt = unwrap(model)
+    if padding_mask is None or not gpt.config.num_moe_experts:
+        return {}
+    if gpt.config.sequence_parallel and not gpt.pre_process:
+        from megatron.core import tensor_parallel
+
+        padding_mask = tensor_parallel.scatter_to_sequence_parallel_region(
+            padding_mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+    return {"padding_mask": padding_mask}
+
+
 def forward_step(data_iterator: Iterator[dict], model):
     batch = next(data_iterator)
     labels = batch["labels"]
@@ -38,6 +57,7 @@ def forward_step(data_iterator: Iterator[dict], model):
         attention_mask=None,
         labels=labels.clamp(min=0),
         packed_seq_params=batch.get("packed_seq_params"),
+        **_moe_padding_mask(model, batch.get("padding_mask")),
     )
     return output, partial(loss_func, loss_mask)
 
@@ -86,13 +106,53 @@ def forward_backward(ddp_chunks: list, data_iterators, num_microbatches: int, se
     return StepResult(loss=loss, num_tokens=tokens)
 
 
+def step_loss_tokens(microbatches: list) -> int:
+    """Loss tokens of the whole global batch (this rank's micro batches summed over data-parallel
+    ranks): what megatron divides the gradients by under ``calculate_per_token_loss``."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_swift.platform import get_platform
+
+    local = sum(int(mb["labels"].ne(IGNORE_INDEX).sum()) for mb in microbatches)
+    total = torch.tensor([local], dtype=torch.int64, device=get_platform().device)
+    torch.distributed.all_reduce(total, group=ps.get_data_parallel_group(with_context_parallel=True))
+    return int(total.item())
+
+
 def train_step(ddp_chunks: list, optimizer, data_iterators, num_microbatches: int, seq_length: int,
-               micro_batch_size: int) -> StepResult:
+               micro_batch_size: int, loss_tokens: Optional[int] = None) -> StepResult:
+    """``loss_tokens``: the global batch's loss tokens (:func:`step_loss_tokens`), needed by MoE
+    models to give router losses the same weight in every layout (model/moe_router.py)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_swift.model.moe_router import router_loss_scale
+
     from .model_setup import zero_grads
 
     zero_grads(ddp_chunks, optimizer)
-    result = forward_backward(ddp_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size)
+    micro_batches = num_microbatches * ps.get_data_parallel_world_size()
+    with router_loss_scale(loss_tokens, micro_batches) if loss_tokens is not None else contextlib.nullcontext():
+        result = forward_backward(ddp_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size)
     update_successful, grad_norm, _ = optimizer.step()
     result.update_successful = bool(update_successful)
     result.grad_norm = None if grad_norm is None else float(grad_norm)
     return result
+
+
+def router_losses(config, num_microbatches: int) -> dict:
+    """The MoE router losses of the last step (``load_balancing_loss``, ``z_loss``...), as megatron's
+    tracker collected them: per micro batch and MoE layer, averaged; collective (every rank calls)."""
+    if not config.num_moe_experts:
+        return {}
+    from megatron.core.transformer.moe.moe_utils import (clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker,
+                                                         reduce_aux_losses_tracker_across_ranks)
+
+    tracker = get_moe_layer_wise_logging_tracker()
+    if not tracker:
+        return {}
+    reduce_aux_losses_tracker_across_ranks()
+    freq = config.moe_layer_freq
+    moe_layers = sum(freq) if isinstance(freq, list) else len(range(0, config.num_layers, freq))
+    out = {name: float(entry["values"].sum()) / moe_layers / num_microbatches for name, entry in tracker.items()}
+    clear_aux_losses_tracker()
+    return out

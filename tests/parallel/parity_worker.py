@@ -38,6 +38,8 @@ def parse():
     p.add_argument("--global_batch", type=int, default=8)
     p.add_argument("--micro_batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=16)
+    p.add_argument("--upstream_router", action="store_true",
+                   help="megatron-core's own TopKRouter (to show its layout-dependent router-loss scale)")
     return p.parse_args()
 
 
@@ -122,12 +124,13 @@ def main():
         virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep,
     )
     init_parallel(layout, seed=7)
+    if args.upstream_router:
+        import megatron_swift.model.moe_router as ours
+        from megatron.core.transformer.moe.router import TopKRouter
+
+        ours.TopKRouter = TopKRouter
     hf = tiny_hf_config(args.family, num_hidden_layers=args.num_layers, tie_word_embeddings=args.tie)
-    chunks, config, settings = build_model(hf, dict(
-        sequence_parallel=args.sp,
-        calculate_per_token_loss=True,
-        moe_token_dispatcher_type="allgather",
-    ))
+    chunks, config, settings = build_model(hf, dict(sequence_parallel=args.sp, calculate_per_token_loss=True))
     opt = OptimizerSettings(optimizer=args.optimizer, lr=1e-2, weight_decay=0.1, clip_grad=1.0,
                             use_distributed_optimizer=args.distributed_optimizer)
     ddp_chunks = wrap_ddp(chunks, config, opt)
