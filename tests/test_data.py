@@ -141,6 +141,7 @@ def test_row_formats_normalize():
                    {"role": "assistant", "content": "c"}]}, "roles out of order"),
     ({"messages": [{"role": "user", "content": "a"}]}, "no response"),
     ({"foo": 1}, "unknown format"),
+    ({"question": "q", "reply": "a"}, "no response"),  # 'question' is 'query'; no 'response' column
 ])
 def test_malformed_rows_are_rejected(row, kind):
     with pytest.raises(RowError) as e:
@@ -173,6 +174,126 @@ def test_strict_stops_at_first_bad_row(tmp_path):
     f = bad_file(tmp_path)
     with pytest.raises(DataRowError, match=r"mixed\.jsonl:2: missing role"):
         load_datasets(opts(tmp_path, dataset=[f], strict=True), cache_dir=str(tmp_path / "c"))
+
+
+def test_undecodable_and_malformed_lines_are_bad_rows(tmp_path, caplog):
+    """A byte that is not UTF-8 used to stop the whole run without a file or line; now it is one
+    dropped row (file:line and reason in the drop summary), and the rows after it still train."""
+    path = tmp_path / "latin.jsonl"
+    with open(path, "wb") as f:
+        f.write((json.dumps(chat("q1", "a1")) + "\n").encode())
+        f.write(b'{"messages": [{"role": "user", "content": "caf\xe9"}, {"role": "assistant", "content": "x"}]}\n')
+        f.write((json.dumps(chat("q3", "a3")) + "\n").encode())
+        f.write(b"{broken json\n")
+        f.write((json.dumps(chat("q5", "a5")) + "\n").encode())
+    with caplog.at_level(logging.WARNING, logger="megatron_swift.data"):
+        loaded = load_datasets(opts(tmp_path, dataset=[str(path)]), cache_dir=str(tmp_path / "c"))
+    assert contents(loaded.train) == ["a1", "a3", "a5"]  # the good rows after the bad line are kept
+    st = loaded.stats[0]
+    assert (st.total, st.kept) == (5, 3) and st.kinds == {"not UTF-8": 1, "bad JSON": 1}
+    assert "dropped 2 of 5 rows" in caplog.text
+    assert "latin.jsonl:2: not UTF-8: byte 0xe9" in caplog.text and "latin.jsonl:4: bad JSON" in caplog.text
+    with pytest.raises(DataRowError, match=r"latin\.jsonl:2: not UTF-8: byte 0xe9 at position \d+"):
+        load_datasets(opts(tmp_path, dataset=[str(path)], strict=True), cache_dir=str(tmp_path / "c"))
+    with open(tmp_path / "latin.csv", "wb") as f:  # the same for a CSV row
+        f.write(b"query,response\nq1,a1\ncaf\xe9,x\nq3,a3\n")
+    csv_loaded = load_datasets(opts(tmp_path, dataset=[str(tmp_path / "latin.csv")]), cache_dir=str(tmp_path / "c"))
+    assert contents(csv_loaded.train) == ["a1", "a3"] and csv_loaded.stats[0].kinds == {"not UTF-8": 1}
+    assert "latin.csv:3: not UTF-8" in csv_loaded.stats[0].examples[0]
+
+
+def test_empty_file_is_named(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match=r"--dataset '.*empty\.jsonl': dataset file .*empty\.jsonl is empty"):
+        load_datasets(opts(tmp_path, dataset=[str(empty)]), cache_dir=str(tmp_path / "c"))
+
+
+def test_no_rows_left_is_one_clear_error(tmp_path, tokenizer):
+    """Every row dropped (no assistant turn, wrong columns) or #0: one ValueError naming the dataset
+    with its drop summary, not a KeyError from the empty table at the encode step."""
+    no_answer = write_jsonl(tmp_path / "no_answer.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}]}
+                                                          for i in range(4)])
+    with pytest.raises(ValueError) as e:
+        prepare_data(args_for([no_answer]), tokenizer, cache_dir=str(tmp_path / "c"))
+    assert str(e.value).startswith(f"no training samples left: {no_answer}: preprocess: dropped 4 of 4 rows "
+                                   "(4 x no response); first: no_answer.jsonl:1: no response")
+    columns = write_jsonl(tmp_path / "columns.jsonl", [{"prompt_text": "q", "reply": "a"}] * 3)
+    with pytest.raises(ValueError, match=r"no training samples left: .*columns\.jsonl: preprocess: dropped 3 of 3 "
+                                         r"rows \(3 x unknown format\); first: columns\.jsonl:1: .*--columns"):
+        prepare_data(args_for([columns]), tokenizer, cache_dir=str(tmp_path / "c"))
+    good = write_jsonl(tmp_path / "good.jsonl", [chat("q", "a")] * 3)
+    with pytest.raises(ValueError, match=r"no training samples left: --dataset '.*good\.jsonl#0': #0 selects no rows"):
+        prepare_data(args_for([f"{good}#0"]), tokenizer, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match=r"no validation samples left: .*no_answer\.jsonl: preprocess: dropped 4"):
+        prepare_data(args_for([good], val_dataset=[no_answer]), tokenizer, cache_dir=str(tmp_path / "c"))
+
+
+def test_media_rows_stop_preprocessing(tmp_path):
+    """Multimodal is not built: a row with images/audios/videos is an error at its file:line, not a
+    text row with a literal <image>."""
+    f = write_jsonl(tmp_path / "vl.jsonl", [{**chat("describe", "a cat"), "images": []},
+                                            {**chat("<image>describe", "a cat"), "images": ["cat.png"]},
+                                            {**chat("<image>describe", "a dog"), "images": ["dog.png"]}])
+    with pytest.raises(DataRowError, match=r"vl\.jsonl:2: column 'images' is not empty: multimodal training is not "
+                                           r"supported"):
+        load_datasets(opts(tmp_path, dataset=[f]), cache_dir=str(tmp_path / "c"))
+    g = write_jsonl(tmp_path / "audio.jsonl", [{"query": "q", "response": "a", "speech": "a.wav"}])
+    with pytest.raises(DataRowError, match=r"audio\.jsonl:1: column 'audios'"):  # after --columns renames
+        load_datasets(opts(tmp_path, dataset=[g], columns={"speech": "audios"}), cache_dir=str(tmp_path / "c"))
+
+
+def _parsed_sft_args(tmp_path, data_file):
+    from megatron_swift.args import parse_args
+
+    model = tmp_path / "tiny-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 8, "num_key_value_heads": 2, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 4, "torch_dtype": "bfloat16"}))
+    return parse_args("sft", ["--model", str(model), "--dataset", data_file, "--train_iters", "2"], world_size=1)
+
+
+def test_check_dataset_args_before_any_worker(tmp_path):
+    """Dataset arguments that can only fail are ArgumentErrors naming the argument and the value,
+    raised while arguments are validated (stdlib only: no torch, no datasets)."""
+    import subprocess
+    import sys
+
+    from megatron_swift.args import ArgumentError
+    from megatron_swift.data.checks import check_dataset_args
+
+    good = write_jsonl(tmp_path / "good.jsonl", [chat("q", "a")])
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "folder").mkdir()
+    write_jsonl(tmp_path / "folder" / "part.jsonl", [chat("q", "a")])
+    args = _parsed_sft_args(tmp_path, good)
+    for ok in ([good], [f"{good}#5"], [str(tmp_path / "folder")], ["AI-ModelScope/alpaca-gpt4-data-en#500"]):
+        args.dataset = ok
+        check_dataset_args(args)
+    cases = [
+        ("dataset", str(tmp_path / "missing.jsonl"), "no such file or folder"),
+        ("dataset", "./no/such/folder", "no such file or folder"),
+        ("dataset", f"{good}#-5", "must be the number of rows to sample (a non-negative integer), got '-5'"),
+        ("dataset", f"{good}#abc", "got 'abc'"),
+        ("dataset", f"{good}#0", "#0 selects no rows"),
+        ("dataset", str(tmp_path / "empty.jsonl"), f"dataset file {tmp_path / 'empty.jsonl'} is empty"),
+        ("dataset", str(tmp_path / "notes.txt"), "unsupported file type .txt"),
+        ("val_dataset", str(tmp_path / "missing_val.jsonl"), "no such file or folder"),
+    ]
+    for name, value, why in cases:
+        args.dataset, args.val_dataset = [good], []
+        setattr(args, name, [value])
+        with pytest.raises(ArgumentError) as e:
+            check_dataset_args(args)
+        assert str(e.value).startswith(f"argument --{name} {value!r}: ") and why in str(e.value), str(e.value)
+    code = ("import sys, types\nfrom megatron_swift.data.checks import check_dataset_args\n"
+            "check_dataset_args(types.SimpleNamespace(dataset=[sys.argv[1]], val_dataset=[]))\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'datasets', 'numpy')))\n")
+    out = subprocess.run([sys.executable, "-c", code, good], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
 
 
 def test_columns_mapping_csv_json_and_folders(tmp_path):

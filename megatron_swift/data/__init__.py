@@ -10,23 +10,38 @@ Public API (see ``pipeline.py`` for the trainer's recipe)::
     pack_dataset(encoded, max_length, cache_dir)      # --packing
     preview_samples(dataset, tokenizer, n)            # dry-run text
     make_tiny_tokenizer(dir, template_name)           # small real tokenizers for tests / demos
+    check_dataset_args(args)                          # --dataset/--val_dataset checks before any worker (stdlib)
+
+Importing the package is cheap: the names above load their modules (torch, datasets, ...) on first
+use, so ``megatron_swift.data.checks`` (stdlib only) can run while the CLI validates arguments.
 """
 
-from megatron_swift.template.tiny_tokenizer import make_tiny_tokenizer
+import importlib
 
-from .batching import Collator, move_batch, sequence_boundaries, shift_labels
-from .dataset import DataOptions, DropStats, LoadedData, encode_dataset, load_datasets, sample_indices
-from .iterators import MicroBatchSampler, micro_batches, streaming_micro_batches, train_iters_for_epochs
-from .loading import DataRowError, DatasetNotFoundError, DatasetSpec, parse_dataset_spec
-from .packing import PackedDataset, pack_dataset, pack_lengths
-from .pipeline import PreparedData, collator_from_args, encode_mode, prepare_data
-from .preprocess import RowError, normalize_row
-from .preview import format_labels, preview_samples
+_EXPORTS = {
+    "megatron_swift.template.tiny_tokenizer": ["make_tiny_tokenizer"],
+    ".batching": ["Collator", "move_batch", "sequence_boundaries", "shift_labels"],
+    ".checks": ["check_dataset_args"],
+    ".dataset": ["DataOptions", "DropStats", "LoadedData", "encode_dataset", "load_datasets", "sample_indices"],
+    ".iterators": ["MicroBatchSampler", "micro_batches", "streaming_micro_batches", "train_iters_for_epochs"],
+    ".loading": ["DataRowError", "DatasetNotFoundError", "DatasetSpec", "parse_dataset_spec"],
+    ".packing": ["PackedDataset", "pack_dataset", "pack_lengths"],
+    ".pipeline": ["PreparedData", "collator_from_args", "encode_mode", "prepare_data"],
+    ".preprocess": ["RowError", "UnsupportedRowError", "normalize_row"],
+    ".preview": ["format_labels", "preview_samples"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
 
-__all__ = [
-    "Collator", "DataOptions", "DataRowError", "DatasetNotFoundError", "DatasetSpec", "DropStats", "LoadedData",
-    "MicroBatchSampler", "PackedDataset", "PreparedData", "RowError", "collator_from_args", "encode_dataset",
-    "encode_mode", "format_labels", "load_datasets", "make_tiny_tokenizer", "micro_batches", "move_batch",
-    "normalize_row", "pack_dataset", "pack_lengths", "parse_dataset_spec", "prepare_data", "preview_samples",
-    "sample_indices", "sequence_boundaries", "shift_labels", "streaming_micro_batches", "train_iters_for_epochs",
-]
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

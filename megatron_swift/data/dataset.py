@@ -4,6 +4,10 @@
   train/val split -> concatenate or interleave -> shuffle -> encode with the template
   (drop/count rows the template rejects or that are too long with truncation_strategy delete)
 
+A ``--dataset``/``--val_dataset`` entry with no rows left after preprocessing (every row dropped,
+or ``#0``) is a ValueError naming it, with its drop summary. A row with media columns stops
+preprocessing at its file:line (multimodal training is not supported).
+
 ``#N`` follows the seed: N below the dataset size samples without replacement; above it, the
 whole dataset repeats ``N // size`` times plus a random ``N % size`` rows; sequential (first rows)
 for streaming or ``--dataset_shuffle false``.
@@ -22,11 +26,11 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .loading import DataRowError, DatasetSpec, parse_dataset_spec, read_raw
-from .preprocess import RowError, normalize_row, normalized_features
+from .preprocess import RowError, UnsupportedRowError, normalize_row, normalized_features
 
 logger = logging.getLogger(__name__)
 
-_PIPELINE_VERSION = 1
+_PIPELINE_VERSION = 2  # 2: media rows stop preprocessing; bad-row kinds from the reader
 
 
 @dataclass
@@ -75,6 +79,8 @@ def _normalize_batch(batch: Dict[str, list], *, columns, model_name, model_autho
             row = normalize_row(raw, columns=columns, model_name=model_name, model_author=model_author,
                                 require_response=require_response)
             err = kind = None
+        except UnsupportedRowError as e:  # a configuration mistake, not a bad row: stop at the first one
+            raise DataRowError(f"{path}:{line}: {e}") from None
         except RowError as e:
             if strict:
                 raise DataRowError(f"{path}:{line}: {e} (--strict true stops at the first bad row)") from None
@@ -93,6 +99,9 @@ def _drop_errors(ds, stats: DropStats, remove: List[str]):
     """Counts/logs rows whose ``__error`` is set and returns the dataset without them."""
     import pyarrow.compute as pc
 
+    if "__error_kind" not in ds.column_names:  # a map over zero rows adds no columns
+        stats.total = stats.kept = len(ds)
+        return ds.remove_columns([c for c in remove if c in ds.column_names])
     kinds = ds.data.column("__error_kind")
     bad = np.asarray(pc.is_valid(kinds).to_numpy(zero_copy_only=False), dtype=bool)
     stats.total = len(ds)
@@ -250,15 +259,21 @@ def load_datasets(opts: DataOptions, *, require_response: bool = True, cache_dir
     stats: List[DropStats] = []
     sample_shuffle = opts.dataset_shuffle and not opts.streaming
 
-    def load_one(text: str):
-        spec: DatasetSpec = parse_dataset_spec(text)
+    def load_one(text: str, flag: str = "--dataset"):
+        what = "training" if flag == "--dataset" else "validation"
+        spec: DatasetSpec = parse_dataset_spec(text, flag)
         raw = read_raw(spec, streaming=opts.streaming, use_hf=opts.use_hf, hub_token=opts.hub_token,
                        cache_dir=cache_dir, load_from_cache_file=opts.load_from_cache_file)
         ds = normalize_dataset(raw, spec.text, columns=opts.columns, model_name=opts.model_name,
                                model_author=opts.model_author, require_response=require_response,
                                strict=opts.strict, num_proc=opts.dataset_num_proc,
                                load_from_cache_file=opts.load_from_cache_file, stats=stats)
-        return sample_dataset(ds, spec.sample, sample_shuffle, rng)
+        if not _is_iterable(ds) and len(ds) == 0:
+            raise ValueError(f"no {what} samples left: {stats[-1].summary()}")
+        ds = sample_dataset(ds, spec.sample, sample_shuffle, rng)
+        if not _is_iterable(ds) and len(ds) == 0:
+            raise ValueError(f"no {what} samples left: {flag} {text!r}: #{spec.sample} selects no rows")
+        return ds
 
     trains, vals = [], []
     ratio = 0.0 if opts.val_dataset else opts.split_dataset_ratio
@@ -267,7 +282,7 @@ def load_datasets(opts: DataOptions, *, require_response: bool = True, cache_dir
         trains.append(train)
         vals.append(val)
     for text in opts.val_dataset:
-        vals.append(load_one(text))
+        vals.append(load_one(text, "--val_dataset"))
     train, val = _combine(trains, opts), _combine(vals, dataclass_replace(opts, interleave_prob=None))
     if train is not None and opts.dataset_shuffle:
         train = (train.shuffle(seed=opts.data_seed, buffer_size=opts.shuffle_buffer_size) if _is_iterable(train)

@@ -2,8 +2,9 @@
 
 A raw row is ``{"__row": <the row as a JSON string>, "__file": <file>, "__line": <line or row no.>}``;
 parsing and validating the row happens later, in the (parallel, cached) preprocessing map, so a
-malformed line is a row that can be dropped and counted (or, with ``--strict``, stop the run with
-its file and line) instead of a file that fails to load.
+malformed line (bad JSON, bytes that are not UTF-8) is a row that can be dropped and counted (or,
+with ``--strict``, stop the run with its file and line) instead of a file that fails to load. A
+dataset with no rows at all is an error naming its file(s).
 
 Local data: ``.jsonl``, ``.json`` (a JSON array, or JSON lines), ``.csv``, ``.parquet``, ``.arrow``
 files, and folders of them (recursively; ``folder:sub`` selects the sub-folder or files named
@@ -27,7 +28,10 @@ from typing import Iterator, List, Optional
 logger = logging.getLogger(__name__)
 
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet", ".arrow")
-_READER_VERSION = 1
+# names ending like a file (not a hub id) that are not data files we read: "no such file" when missing
+_OTHER_FILE_EXTENSIONS = (".txt", ".tsv", ".xlsx", ".xls", ".gz", ".zip", ".tar", ".bz2", ".xz", ".zst", ".yaml",
+                          ".yml", ".md", ".pkl", ".pt", ".npy")
+_READER_VERSION = 2  # 2: undecodable lines are bad rows ("not UTF-8")
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -47,34 +51,48 @@ class DatasetSpec:
     subsets: List[str] = field(default_factory=list)  # [] = default
     sample: Optional[int] = None  # #N
     local_path: Optional[str] = None  # absolute path when local
+    flag: str = "--dataset"  # the argument it came from (for messages)
 
     @property
     def is_local(self) -> bool:
         return self.local_path is not None
 
+    @property
+    def where(self) -> str:
+        return f"{self.flag} {self.text!r}"
 
-def parse_dataset_spec(text: str) -> DatasetSpec:
-    """``id_or_path[:subset1/subset2][#N]`` (seed semantics; ``:all`` = every subset)."""
+
+def _looks_like_path(name: str) -> bool:
+    """A name that cannot be a hub id (``org/name``): it is meant as a local file or folder."""
+    return (name.startswith((".", "/", "~")) or name.endswith(DATA_EXTENSIONS + _OTHER_FILE_EXTENSIONS)
+            or name.count("/") >= 2)
+
+
+def parse_dataset_spec(text: str, flag: str = "--dataset") -> DatasetSpec:
+    """``id_or_path[:subset1/subset2][#N]`` (seed semantics; ``:all`` = every subset). ``flag`` is the
+    argument the text came from (``--dataset`` / ``--val_dataset``); messages name it."""
     raw = text.strip()
+    where = f"{flag} {text!r}"
     sample = None
-    m = re.search(r"#(\d+)$", raw)
-    if m:
-        sample = int(m.group(1))
-        raw = raw[:m.start()]
-    elif "#" in raw and not os.path.exists(raw):
-        raise ValueError(f"--dataset {text!r}: the part after '#' must be a sample count (an integer)")
-    if os.path.exists(raw):
-        return DatasetSpec(text, raw, [], sample, os.path.abspath(raw))
+    if "#" in raw and not os.path.exists(os.path.expanduser(raw)):
+        raw, _, tail = raw.rpartition("#")
+        if not re.fullmatch(r"[0-9]+", tail.strip()):
+            raise ValueError(f"{where}: the part after '#' must be the number of rows to sample (a non-negative "
+                             f"integer), got {tail!r}")
+        sample = int(tail)
+    if os.path.exists(os.path.expanduser(raw)):
+        return DatasetSpec(text, raw, [], sample, os.path.abspath(os.path.expanduser(raw)), flag)
     name, subsets = raw, []
     if ":" in raw:
         name, tail = raw.rsplit(":", 1)
         subsets = [s for s in tail.split("/") if s]
     if not name:
-        raise ValueError(f"--dataset {text!r}: empty dataset id or path")
-    local = os.path.abspath(name) if os.path.exists(name) else None
-    if local is None and (name.startswith((".", "/", "~")) or name.endswith(DATA_EXTENSIONS)):
-        raise DatasetNotFoundError(f"--dataset {text!r}: no such file or folder: {os.path.abspath(name)}")
-    return DatasetSpec(text, name, subsets, sample, local)
+        raise ValueError(f"{where}: empty dataset id or path")
+    path = os.path.expanduser(name)
+    local = os.path.abspath(path) if os.path.exists(path) else None
+    if local is None and _looks_like_path(name):
+        raise DatasetNotFoundError(f"{where}: no such file or folder: {os.path.abspath(path)}")
+    return DatasetSpec(text, name, subsets, sample, local, flag)
 
 
 def offline_mode() -> dict:
@@ -120,7 +138,7 @@ def resolve_hub_dataset(spec: DatasetSpec, use_hf: bool = False, hub_token: Opti
             why = f"it is not in {where} and downloading it failed ({type(e).__name__}: {str(e)[:200]})"
         other = "ModelScope (drop --use_hf)" if use_hf else "Hugging Face (--use_hf true)"
         raise DatasetNotFoundError(
-            f"--dataset {spec.text!r}: not a local file or folder, and {why}. Pass a local path (jsonl/json/csv/"
+            f"{spec.where}: not a local file or folder, and {why}. Pass a local path (jsonl/json/csv/"
             f"parquet file or folder), download the dataset into the cache first, or try {other}."
         ) from None
 
@@ -133,7 +151,8 @@ def data_files(spec: DatasetSpec, root: str, from_hub: bool = False) -> List[str
     """The data files a spec names (sorted, so reading order is reproducible)."""
     if os.path.isfile(root):
         if not root.endswith(DATA_EXTENSIONS):
-            raise ValueError(f"--dataset {spec.text!r}: unsupported file type (supported: "
+            ext = os.path.splitext(root)[1] or "(none)"
+            raise ValueError(f"{spec.where}: unsupported file type {ext} of {root} (supported: "
                              f"{', '.join(DATA_EXTENSIONS)})")
         return [root]
     found = []
@@ -149,7 +168,7 @@ def data_files(spec: DatasetSpec, root: str, from_hub: bool = False) -> List[str
             hits = [p for p in found if os.path.relpath(p, root).split(os.sep)[0] == sub
                     or os.path.splitext(os.path.basename(p))[0] == sub]
             if not hits:
-                raise ValueError(f"--dataset {spec.text!r}: subset {sub!r} not found under {root} "
+                raise ValueError(f"{spec.where}: subset {sub!r} not found under {root} "
                                  f"(subsets are sub-folders or file names)")
             chosen.extend(p for p in hits if p not in chosen)
         found = chosen
@@ -157,22 +176,35 @@ def data_files(spec: DatasetSpec, root: str, from_hub: bool = False) -> List[str
         train = [p for p in found if re.search(r"(^|[/_.-])train([/_.-]|$)", os.path.relpath(p, root))]
         found = train or found
     if not found:
-        raise ValueError(f"--dataset {spec.text!r}: no data files ({', '.join(DATA_EXTENSIONS)}) under {root}")
+        raise ValueError(f"{spec.where}: no data files ({', '.join(DATA_EXTENSIONS)}) under {root}")
     return found
 
 
 # ------------------------------------------------------------------------------------------ readers
-def _bad(reason: str) -> str:
-    return json.dumps({"__bad_row__": reason})
+NOT_UTF8 = "not UTF-8"  # the drop kind of a row whose bytes do not decode
+_SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of undecodable bytes
+
+
+def _bad(reason: str, kind: str = "malformed row") -> str:
+    """A raw row that preprocessing drops (or, with --strict, stops at) as ``kind: reason``."""
+    return json.dumps({"__bad_row__": reason, "__bad_kind__": kind})
+
+
+def _checked(row_text: str) -> str:
+    if _SURROGATE.search(row_text):
+        return _bad("the row holds bytes that cannot be decoded (data files must be UTF-8)", NOT_UTF8)
+    return row_text
 
 
 def iter_file_rows(path: str) -> Iterator[tuple]:
-    """Yields ``(row_json_text, line_or_row_number)`` for every row of a data file."""
+    """Yields ``(row_json_text, line_or_row_number)`` for every row of a data file. A line or row
+    that cannot be read (bytes that are not UTF-8, a CSV row with the wrong field count) is yielded
+    as a bad row (see ``_bad``), so it is dropped and counted like any malformed row."""
     if path.endswith(".jsonl"):
         yield from _iter_jsonl(path)
     elif path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8-sig", errors="surrogateescape")  # rows with bad bytes: dropped below
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -189,9 +221,9 @@ def iter_file_rows(path: str) -> Iterator[tuple]:
         if not isinstance(data, list):
             raise DataRowError(f"{path}: expected a JSON array of rows, got {type(data).__name__}")
         for i, row in enumerate(data, 1):
-            yield json.dumps(row, ensure_ascii=False), i
+            yield _checked(json.dumps(row, ensure_ascii=False)), i
     elif path.endswith(".csv"):
-        with open(path, encoding="utf-8", newline="") as f:
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             for row in reader:
@@ -201,7 +233,7 @@ def iter_file_rows(path: str) -> Iterator[tuple]:
                 elif any(v is None for v in row.values()):
                     yield _bad(f"csv row has fewer fields than the header ({len(header)})"), line
                 else:
-                    yield json.dumps(row, ensure_ascii=False), line
+                    yield _checked(json.dumps(row, ensure_ascii=False)), line
     elif path.endswith((".parquet", ".arrow")):
         yield from _iter_arrow(path)
     else:
@@ -209,8 +241,14 @@ def iter_file_rows(path: str) -> Iterator[tuple]:
 
 
 def _iter_jsonl(path: str):
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, data in enumerate(f, 1):
+            try:
+                line = data.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield _bad(f"byte 0x{data[e.start]:02x} at position {e.start + 1} of the line cannot be decoded "
+                           "(data files must be UTF-8)", NOT_UTF8), lineno
+                continue
             line = line.strip()
             if line:
                 yield line, lineno
@@ -278,4 +316,25 @@ def read_raw(spec: DatasetSpec, *, streaming: bool = False, use_hf: bool = False
             cause = cause.__cause__ or cause.__context__
         if cause is not None and cause is not e:
             raise cause from None
+        if not any(True for p in files for _ in iter_file_rows(p)):  # datasets: 'Instruction "train" ...'
+            raise ValueError(no_rows_message(spec, files)) from None
         raise
+
+
+def file_is_empty(path: str) -> bool:
+    """Nothing, or only whitespace, in the file."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return True
+    if size > (1 << 16) or path.endswith((".parquet", ".arrow")):
+        return False
+    with open(path, "rb") as f:
+        return not f.read().strip()
+
+
+def no_rows_message(spec: DatasetSpec, files: List[str]) -> str:
+    """Why a dataset with these files yields no rows at all."""
+    if len(files) == 1:
+        return f"{spec.where}: dataset file {files[0]} {'is empty' if file_is_empty(files[0]) else 'holds no rows'}"
+    shown = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+    return f"{spec.where}: none of its {len(files)} data files holds a row ({shown})"

@@ -146,7 +146,8 @@ def prepare_data(args, tokenizer, *, template=None, mode: Optional[str] = None, 
             if val is not None:
                 val = pack_dataset(val, template.max_length, cache, opts.load_from_cache_file)
     if not opts.streaming and len(train) == 0:
-        raise ValueError("no training samples left after preprocessing (see the drop counts above)")
+        drops = "; ".join(s.summary() for s in stats if s.step == "encode" and s.name == "train")
+        raise ValueError(f"no training samples left: {drops or 'every row was dropped (see the drop counts above)'}")
     collator = collator_from_args(args, template.pad_token_id, template.max_length, pipeline_fixed_shapes)
     if getattr(args, "padding_side", "right") == "left" and not collator.padding_free:
         logger.info("--padding_side left is not used for training: batches are right-padded (causal attention "

@@ -16,7 +16,9 @@ Normalized row::
      "rejected_response": str | None, "label": bool | None}
 
 A row that cannot be normalized raises :class:`RowError` with a short ``kind`` (for the drop
-counts in the log) and a readable reason.
+counts in the log) and a readable reason. A row with media (non-empty ``images``/``audios``/
+``videos``) raises :class:`UnsupportedRowError` instead: multimodal training is not built, and such a
+row is a configuration mistake that stops the run, not a bad row to drop.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _COLUMN_ALIASES = {
     "rejected": "rejected_response",
 }
 _CJK = re.compile(r"[\u4e00-\u9fff]")
+MEDIA_COLUMNS = ("images", "audios", "videos")
 
 
 class RowError(ValueError):
@@ -45,6 +48,10 @@ class RowError(ValueError):
         super().__init__(f"{kind}: {detail}" if detail else kind)
         self.kind = kind
         self.detail = detail
+
+
+class UnsupportedRowError(ValueError):
+    """A row this stack cannot train on at all (media columns): stops preprocessing at its file:line."""
 
 
 def _text(value, where: str, allow_none: bool = False) -> Optional[str]:
@@ -178,6 +185,11 @@ def _replace_self_cognition(messages: List[dict], row: dict, model_name, model_a
         m["content"] = c
 
 
+def _columns(row: dict) -> str:
+    keys = ", ".join(sorted(k for k in row if not k.startswith("__"))) or "none"
+    return f"columns: {keys}; rename with --columns"
+
+
 def normalize_row(row: Any, *, columns: Optional[Dict[str, str]] = None, model_name=None, model_author=None,
                   require_response: bool = True) -> dict:
     """One raw row (dict or JSON text) -> the normalized row; raises RowError."""
@@ -189,9 +201,13 @@ def normalize_row(row: Any, *, columns: Optional[Dict[str, str]] = None, model_n
     if not isinstance(row, dict):
         raise RowError("wrong type", f"a row must be a JSON object, got {type(row).__name__}")
     if "__bad_row__" in row:
-        raise RowError("malformed row", row["__bad_row__"])
+        raise RowError(row.get("__bad_kind__") or "malformed row", row["__bad_row__"])
     if columns:
         row = {columns.get(k, k): v for k, v in row.items()}
+    for col in MEDIA_COLUMNS:
+        if row.get(col) not in (None, "", [], {}):
+            raise UnsupportedRowError(f"column {col!r} is not empty: multimodal training is not supported (text "
+                                      f"only); remove the {col!r} column or its values")
     for alias, std in _COLUMN_ALIASES.items():
         if alias in row and std not in row:
             if alias == "rejected" and isinstance(row[alias], list):
@@ -216,12 +232,16 @@ def normalize_row(row: Any, *, columns: Optional[Dict[str, str]] = None, model_n
         instruction = _text(row["instruction"], "instruction")
         extra = _text(row.get("input"), "input", allow_none=True)
         query = f"{instruction}\n{extra}" if instruction and extra else (instruction or extra or "")
+        if require_response and "output" not in row and "response" not in row:
+            raise RowError("no response", f"an 'instruction' row needs an 'output' column ({_columns(row)})")
         response = _text(row.get("output", row.get("response")), "output", allow_none=not require_response)
         messages = _history_messages(row.get("history")) + [{"role": "user", "content": query}]
         if response is not None:
             messages.append({"role": "assistant", "content": response})
     elif "query" in row or "response" in row:
         query = _text(row.get("query"), "query", allow_none=True) or ""
+        if require_response and "response" not in row:
+            raise RowError("no response", f"a 'query' row needs a 'response' column ({_columns(row)})")
         response = _text(row.get("response"), "response", allow_none=not require_response)
         messages = _history_messages(row.get("history")) + [{"role": "user", "content": query}]
         if response is not None:
@@ -229,9 +249,7 @@ def normalize_row(row: Any, *, columns: Optional[Dict[str, str]] = None, model_n
     elif "text" in row:
         messages = [{"role": "assistant", "content": _text(row["text"], "text")}]
     else:
-        keys = ", ".join(sorted(k for k in row if not k.startswith("__"))) or "none"
-        raise RowError("unknown format", f"no messages/conversations/instruction/query/text column (columns: {keys};"
-                                         " rename with --columns)")
+        raise RowError("unknown format", f"no messages/conversations/instruction/query/text column ({_columns(row)})")
     if system is not None and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     _check_conversation(messages, require_response)
