@@ -3,9 +3,10 @@
 A template renders a conversation into *segments*: pieces of text tagged with what they are
 (prompt text, a response, the end-of-turn marker after a response, an empty ``<think>`` block).
 ``--loss_scale`` decides which segments carry loss; adjacent segments with the same loss flag are
-joined and tokenized as one string (``add_special_tokens=False``), so the tokens of a prompt are
-exactly the tokens of the tokenizer's own ``apply_chat_template`` text for the same messages
-(``tests/test_templates.py`` checks this for every built-in template).
+joined and tokenized as one string (``add_special_tokens=False``), so the ids of a whole training
+conversation are exactly the ids of the tokenizer's own ``apply_chat_template(messages,
+tokenize=True)`` for the same messages, and prompt ids those of ``add_generation_prompt=True``
+(``tests/test_templates.py`` checks both for every built-in template).
 
 Input rows are the normalized rows of :mod:`megatron_swift.data.preprocess`::
 
@@ -19,12 +20,29 @@ Output of :meth:`Template.encode`: ``{"input_ids": [...], "labels": [...]}``, *n
 ``labels[i]`` is ``input_ids[i]`` where token ``i`` carries loss, else -100. The batching code
 shifts them into the trainer's format (``labels[t]`` = target of position ``t``).
 
-Loss scales (``--loss_scale``):
-  default             every assistant response and the end-of-turn token(s) after it
+Which tokens carry loss (``--loss_scale``):
+  default             every assistant response (tool calls included) and the end-of-turn text
+                      right after it; never system, user, tool responses or role headers
   last_round          only the last assistant response (+ its end-of-turn)
   all                 every token
   ignore_empty_think  like default, but an empty ``<think>\\n\\n</think>\\n\\n`` block at the start
                       of a response carries no loss (Qwen3 renders one when the data has none)
+
+The end-of-turn text is what ms-swift's templates put after a response (their ``suffix`` at the
+end of a sample, ``chat_sep`` + the dynamic-EOS labelling after history turns) and is trained the
+same way; a sample ends where the hub template's full rendering ends:
+
+  chatml, qwen, qwen2_5, qwen3   ``<|im_end|>`` + ``"\\n"`` (both trained, the last turn too)
+  llama3, llama3_1, llama3_2     ``<|eot_id|>``
+  llama                          ``" </s>"`` (the template's space before EOS, then EOS)
+  mistral                        ``</s>``
+  deepseek, deepseek_r1          ``<｜end▁of▁sentence｜>``
+
+A response is the assistant text as the hub template renders it in the full conversation, so
+history turns can differ from the final one: Qwen3 drops the reasoning of turns before the last
+user query and writes a ``<think>`` block (empty when the data has none) only after it; DeepSeek-R1
+drops the reasoning of history turns (its template drops it from every turn; we keep the final
+turn's, which is what the model is trained to generate after its ``<think>\\n`` prompt).
 """
 
 from __future__ import annotations
@@ -42,8 +60,7 @@ IGNORE_INDEX = -100
 PROMPT = "prompt"  # no loss (system, user, tool responses, role headers, separators)
 RESPONSE = "response"  # assistant text (incl. tool calls)
 EMPTY_THINK = "empty_think"  # "<think>\n\n</think>\n\n" with nothing inside
-EOT = "eot"  # end-of-turn token(s) that close a response (<|im_end|>, <|eot_id|>, eos)
-SEP = "sep"  # glue after an end-of-turn ("\n"); dropped at the end of a training sample
+EOT = "eot"  # end-of-turn text that closes a response (<|im_end|>\n, <|eot_id|>, eos), trained like it
 
 SUPPORTED_LOSS_SCALES = ("default", "last_round", "all", "ignore_empty_think")
 EMPTY_THINK_TEXT = "<think>\n\n</think>\n\n"
@@ -283,7 +300,7 @@ class Template:
                 continue
             if self.loss_scale == "all":
                 loss = True
-            elif s.kind == PROMPT or s.kind == SEP:
+            elif s.kind == PROMPT:
                 loss = False
             elif s.kind == EMPTY_THINK and self.loss_scale == "ignore_empty_think":
                 loss = False
@@ -313,10 +330,7 @@ class Template:
             raise TemplateError("the last message must be an assistant (or tool_call) message")
         if self.template_backend == "jinja":
             return self._plan_jinja(conv)
-        segs = self.render(conv, add_generation_prompt=False)
-        while segs and segs[-1].kind == SEP:  # trailing "\n" after the final end-of-turn
-            segs.pop()
-        return self._merge(self._loss_flags(segs))
+        return self._merge(self._loss_flags(self.render(conv, add_generation_prompt=False)))
 
     def _plan_jinja(self, conv: Conversation) -> List[Tuple[str, bool]]:
         """Loss spans from the tokenizer's own chat template: render growing prefixes of the
@@ -459,4 +473,4 @@ class Template:
         return self._tokenize_many([self.prompt_text(messages, tools)])[0]
 
 
-_CODE_VERSION = 1
+_CODE_VERSION = 2  # bump when encodings change (dataset cache fingerprints)

@@ -9,15 +9,34 @@ qwen           Qwen1.5 / Qwen2 chat                        qwen.jinja (Qwen2-Ins
 qwen2_5        Qwen2.5 instruct (tools: hermes)            qwen2_5.jinja (Qwen2.5-Instruct)
 qwen3          Qwen3 (thinking, empty-think, tools)        qwen3.jinja (Qwen3)
 llama3         Llama-3 instruct                            llama3.jinja (Meta-Llama-3-Instruct)
+llama3_1       Llama-3.1 / 3.3 instruct (tools: JSON)      llama3_1.jinja (Llama-3.1-8B-Instruct)
+llama3_2       Llama-3.2 instruct (tools: JSON)            llama3_2.jinja (Llama-3.2-1B-Instruct)
 llama          Llama-2 chat                                llama.jinja (Llama-2-chat)
+mistral        Mistral-7B-Instruct v0.1/v0.2, Mixtral      mistral.jinja (Mixtral-8x7B-Instruct-v0.1)
 deepseek       DeepSeek-LLM chat (v1/V2-Lite)              deepseek.jinja (deepseek-llm-7b-chat)
 deepseek_r1    DeepSeek-R1 (distill)                       deepseek_r1.jinja (DeepSeek-R1)
 =============  ==========================================  ====================================
 
 Tool calls: the ChatML family renders them the way Qwen2.5/Qwen3 do (hermes ``<tool_call>`` blocks,
 tool responses as a user turn of ``<tool_response>`` blocks, the tool list in the system prompt).
-The other families have no tool syntax in their hub templates; there a tool call is the JSON
-object as the assistant's text and a tool response is a user-side turn.
+Llama-3.1/3.2 render them the way their hub template does (the tool list in the first user turn,
+one ``{"name": ..., "parameters": ...}`` call per assistant turn, tool responses as ``ipython``
+turns holding the JSON-encoded content). The other families have no tool syntax in their hub
+templates; there a tool call is the JSON object as the assistant's text and a tool response is a
+user-side turn.
+
+Llama-3.1+ "Today Date": the hub templates print ``Cutting Knowledge Date: December 2023`` and
+``Today Date: <date_string>`` in the system header; 3.1/3.3 default ``date_string`` to
+``26 Jul 2024``, 3.2 to the day the template is rendered (``strftime_now``), and ms-swift's
+``llama3_2`` uses the day the process started. Here it is always ``26 Jul 2024`` (``date_string``
+in the template's ``extra``): a training sample must not change with the calendar (dataset caches,
+resumed runs, comparisons between runs). Pass ``date_string="26 Jul 2024"`` to a Llama-3.2
+tokenizer's ``apply_chat_template`` to reproduce our ids.
+
+Mistral: the template of Mistral-7B-Instruct-v0.1/v0.2 and Mixtral-8x7B-Instruct-v0.1 (system
+message folded into the first user turn, ``" [INST] ... [/INST]"``, ``" " + response + "</s>"``).
+Later Mistral templates (v0.3 control tokens, ``[SYSTEM_PROMPT]``, ``[AVAILABLE_TOOLS]``) differ
+in spacing and are not reproduced; use ``--template_backend jinja`` for them.
 """
 
 from __future__ import annotations
@@ -25,7 +44,7 @@ from __future__ import annotations
 import json
 from typing import Dict, List, Optional
 
-from .base import (EMPTY_THINK, EMPTY_THINK_TEXT, EOT, RESPONSE, SEP, Conversation, Segment, TemplateError,
+from .base import (EMPTY_THINK, EMPTY_THINK_TEXT, EOT, RESPONSE, Conversation, Segment, TemplateError,
                    TemplateMeta, tool_call_json)
 
 QWEN_TOOLS_HEADER = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
@@ -105,8 +124,9 @@ def render_chatml(meta: TemplateMeta, conv: Conversation, system: Optional[str],
             else:
                 body = content
             _response(segs, body, turn_no)
-            segs.append(Segment("<|im_end|>", EOT, turn_no))
-            segs.append(Segment("\n", SEP, turn_no))
+            # the "\n" after <|im_end|> is part of the end of turn: the hub template ends a full
+            # conversation with it and ms-swift's ChatML suffix / chat_sep ("<|im_end|>\n") train it
+            segs.append(Segment("<|im_end|>\n", EOT, turn_no))
             turn_no += 1
     if add_generation_prompt:
         segs.append(Segment("<|im_start|>assistant\n" + response_prefix))
@@ -143,6 +163,59 @@ def render_llama3(meta, conv, system, add_generation_prompt, response_prefix) ->
     return segs
 
 
+LLAMA3_1_TOOLS_PREAMBLE = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    "that best answers the given prompt.\n\nRespond in the format {\"name\": function name, \"parameters\": "
+    "dictionary of argument name and its value}.Do not use variables.\n\n")
+
+
+def render_llama3_1(meta, conv, system, add_generation_prompt, response_prefix) -> List[Segment]:
+    """Llama-3.1 / 3.2 / 3.3: a system header is always written (knowledge cutoff, a fixed "Today
+    Date", then the system text); tools go into the first user turn."""
+    segs: List[Segment] = []
+    turns = list(conv.turns)
+    head = (meta.bos_token or "") + "<|start_header_id|>system<|end_header_id|>\n\n"
+    if conv.tools:
+        head += "Environment: ipython\n"
+    head += "Cutting Knowledge Date: December 2023\nToday Date: " + meta.extra["date_string"] + "\n\n"
+    segs.append(Segment(head + (system or "").strip() + "<|eot_id|>"))
+    if conv.tools:
+        if not turns or turns[0].role != "user":
+            raise TemplateError(f"{meta.name} template: tools need a first user message to go into")
+        first = turns.pop(0)
+        segs.append(Segment("<|start_header_id|>user<|end_header_id|>\n\n" + LLAMA3_1_TOOLS_PREAMBLE
+                            + "".join(json.dumps(t, ensure_ascii=False, indent=4) + "\n\n" for t in conv.tools)
+                            + first.content.strip() + "<|eot_id|>"))
+    turn_no = 0
+    for t in turns:
+        if t.role == "user":
+            segs.append(Segment("<|start_header_id|>user<|end_header_id|>\n\n" + t.content.strip() + "<|eot_id|>"))
+        elif t.role == "tool":  # the hub template JSON-encodes the content (a string gets quotes)
+            segs.append(Segment("<|start_header_id|>ipython<|end_header_id|>\n\n"
+                                + json.dumps(t.content, ensure_ascii=False) + "<|eot_id|>"))
+        else:
+            segs.append(Segment("<|start_header_id|>assistant<|end_header_id|>\n\n"))
+            if t.tool_calls:
+                if len(t.tool_calls) != 1:
+                    raise TemplateError(f"{meta.name} template: one tool call per assistant turn "
+                                        "(the model's template supports no parallel calls)")
+                call = t.tool_calls[0]
+                body = '{"name": "' + str(call["name"]) + '", "parameters": ' \
+                    + json.dumps(call["arguments"], ensure_ascii=False) + "}"
+                # the hub template drops the text of a turn with a tool call; we keep it in front
+                # (a row the hub template cannot render faithfully either way)
+                if t.content.strip():
+                    body = t.content.strip() + "\n" + body
+            else:
+                body = t.content.strip()
+            _response(segs, body, turn_no)
+            segs.append(Segment("<|eot_id|>", EOT, turn_no))
+            turn_no += 1
+    if add_generation_prompt:
+        segs.append(Segment("<|start_header_id|>assistant<|end_header_id|>\n\n" + response_prefix))
+    return segs
+
+
 def _with_json_tool_calls(t) -> str:
     body = t.content
     for call in t.tool_calls or []:
@@ -167,6 +240,28 @@ def render_llama2(meta, conv, system, add_generation_prompt, response_prefix) ->
         else:
             _response(segs, " " + _with_json_tool_calls(t).strip(), turn_no)
             segs.append(Segment(" " + eos, EOT, turn_no))
+            turn_no += 1
+    if add_generation_prompt and response_prefix:
+        segs.append(Segment(response_prefix))
+    return segs
+
+
+# ---------------------------------------------------------------------------------------- Mistral
+def render_mistral(meta, conv, system, add_generation_prompt, response_prefix) -> List[Segment]:
+    """One BOS, then " [INST] " + query + " [/INST]" and " " + response + EOS per round (no
+    stripping); the system text goes in front of the first query."""
+    segs: List[Segment] = [Segment(meta.bos_token or "")]
+    turn_no = 0
+    for i, t in enumerate(conv.turns):
+        is_user = t.role in ("user", "tool")
+        if is_user != (i % 2 == 0):
+            raise TemplateError("mistral template: roles must alternate user/assistant/user/assistant/...")
+        if is_user:
+            content = t.content if i > 0 or system is None else system + "\n\n" + t.content
+            segs.append(Segment(" [INST] " + content + " [/INST]"))
+        else:
+            _response(segs, " " + _with_json_tool_calls(t), turn_no)
+            segs.append(Segment(meta.eos_token, EOT, turn_no))
             turn_no += 1
     if add_generation_prompt and response_prefix:
         segs.append(Segment(response_prefix))
@@ -231,6 +326,15 @@ _QWEN_TOKENS = dict(
     stop_words=("<|im_end|>", "<|endoftext|>"),
 )
 
+# Llama-3.1/3.2 instruct tokenizer_config.json: bos <|begin_of_text|>, eos <|eot_id|>, no pad; the
+# tokenizer adds BOS. <|eom_id|> ends a built-in (ipython) tool call; date_string: see the module doc.
+_LLAMA3_1_TOKENS = dict(
+    bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+    special_tokens=("<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"),
+    add_bos=True, stop_words=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"), extra={"date_string": "26 Jul 2024"},
+)
+
 TEMPLATES: Dict[str, TemplateMeta] = {
     "chatml": TemplateMeta("chatml", render_chatml, jinja_file="chatml.jinja", **_QWEN_TOKENS),
     "qwen": TemplateMeta("qwen", render_chatml, default_system="You are a helpful assistant.",
@@ -246,8 +350,14 @@ TEMPLATES: Dict[str, TemplateMeta] = {
                         "<|eot_id|>"),
         add_bos=True, stop_words=("<|eot_id|>", "<|end_of_text|>"),
     ),
+    "llama3_1": TemplateMeta("llama3_1", render_llama3_1, jinja_file="llama3_1.jinja", **_LLAMA3_1_TOKENS),
+    "llama3_2": TemplateMeta("llama3_2", render_llama3_1, jinja_file="llama3_2.jinja", **_LLAMA3_1_TOKENS),
     "llama": TemplateMeta(
         "llama", render_llama2, jinja_file="llama.jinja", bos_token="<s>", eos_token="</s>", pad_token=None,
+        special_tokens=("<unk>", "<s>", "</s>"), add_bos=True, stop_words=("</s>",),
+    ),
+    "mistral": TemplateMeta(
+        "mistral", render_mistral, jinja_file="mistral.jinja", bos_token="<s>", eos_token="</s>", pad_token=None,
         special_tokens=("<unk>", "<s>", "</s>"), add_bos=True, stop_words=("</s>",),
     ),
     "deepseek": TemplateMeta(
@@ -282,10 +392,12 @@ def template_for_model(model_type: Optional[str] = None, chat_template: Optional
             return "deepseek_r1"
         if "'User: '" in ct and "Assistant:" in ct:
             return "deepseek"
+        if "Cutting Knowledge Date" in ct:  # Llama-3.1+; 3.2 dates the header with strftime_now
+            return "llama3_2" if "strftime_now" in ct else "llama3_1"
         if "<|start_header_id|>" in ct:
             return "llama3"
-        if "[INST]" in ct and "<<SYS>>" in ct:
-            return "llama"
+        if "[INST]" in ct:
+            return "llama" if "<<SYS>>" in ct else "mistral"
         if "<|im_start|>" in ct:
             if "enable_thinking" in ct or "reasoning_content" in ct:
                 return "qwen3"
@@ -294,7 +406,8 @@ def template_for_model(model_type: Optional[str] = None, chat_template: Optional
             if "You are a helpful assistant" in ct:
                 return "qwen"
             return "chatml"
-    by_type = {"qwen3": "qwen3", "qwen3_moe": "qwen3", "qwen2": "qwen2_5", "qwen2_moe": "qwen", "llama": "llama3"}
+    by_type = {"qwen3": "qwen3", "qwen3_moe": "qwen3", "qwen2": "qwen2_5", "qwen2_moe": "qwen", "llama": "llama3",
+               "mistral": "mistral", "mixtral": "mistral"}
     if model_type in by_type:
         return by_type[model_type]
     raise ValueError(

@@ -77,7 +77,7 @@ def make_tiny_tokenizer(output_dir: Optional[str], template_name: str, vocab_siz
     Returns the ``transformers`` fast tokenizer. Special tokens: the family's (e.g. ``<|im_start|>``,
     ``<|im_end|>``, ``<|endoftext|>`` for ChatML), plus ``<think>`` / ``<tool_call>`` ... where the
     family has them; ``bos``/``eos``/``pad`` set as in the family's published tokenizer_config.json
-    and a BOS post-processor for the families whose tokenizers add one (Llama, DeepSeek).
+    and a BOS post-processor for the families whose tokenizers add one (Llama, Mistral, DeepSeek).
     """
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
