@@ -50,7 +50,8 @@ def _config_dict(hf_config) -> dict:
 
 def convert_hf_to_mcore(model_dir: str, out_dir: str, *, hf_config=None, overrides: Optional[dict] = None,
                         torch_dtype=None, thread_count: Optional[int] = None, exist_ok: bool = False,
-                        test_convert_precision: bool = False, model_id: Optional[str] = None) -> Optional[dict]:
+                        test_convert_precision: bool = False, model_id: Optional[str] = None,
+                        hf_attn_implementation: str = "eager") -> Optional[dict]:
     """HF safetensors dir -> Megatron-Core dist checkpoint (``out_dir/release`` + tracker + args.json).
 
     Needs ``init_parallel`` at the layout to convert with. The model is built on the meta device;
@@ -93,14 +94,15 @@ def convert_hf_to_mcore(model_dir: str, out_dir: str, *, hf_config=None, overrid
         gc.collect()
         from .precision import check_precision
 
-        return check_precision(out_dir, model_dir, hf_config, overrides, result_dir=out_dir)
+        return check_precision(out_dir, model_dir, hf_config, overrides, result_dir=out_dir,
+                               hf_attn_implementation=hf_attn_implementation)
     return None
 
 
 def convert_mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config=None, source_dir: Optional[str] = None,
                         overrides: Optional[dict] = None, torch_dtype=None, max_shard_size="5GB",
                         thread_count: Optional[int] = None, exist_ok: bool = False,
-                        test_convert_precision: bool = False) -> Optional[dict]:
+                        test_convert_precision: bool = False, hf_attn_implementation: str = "eager") -> Optional[dict]:
     """Megatron-Core dist checkpoint -> HF dir (sharded safetensors, config, tokenizer files).
 
     The HF config comes from ``hf_config``, else the checkpoint's ``args.json``, else
@@ -133,5 +135,6 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config=None, source_
         gc.collect()
         from .precision import check_precision
 
-        return check_precision(mcore_dir, out_dir, hf_config, overrides, result_dir=out_dir)
+        return check_precision(mcore_dir, out_dir, hf_config, overrides, result_dir=out_dir,
+                               hf_attn_implementation=hf_attn_implementation)
     return None

@@ -29,13 +29,14 @@ from typing import Callable, Optional
 
 import torch
 
+from megatron_swift.checkpoint import layout
+from megatron_swift.checkpoint.layout import RELEASE, read_args_json  # noqa: F401  (re-exported for convert.py)
+from megatron_swift.checkpoint.state import load_model_state, model_sharded_state_dict
+
 from .engine import LocalParam, unwrap
 
 logger = logging.getLogger(__name__)
 
-TRACKER = "latest_checkpointed_iteration.txt"
-ARGS_FILE = "args.json"
-RELEASE = "release"
 
 
 # ----------------------------------------------------------------------------------- the model
@@ -48,61 +49,24 @@ def build_chunks(hf_config, overrides: Optional[dict] = None, meta: bool = False
     return build_model(hf_config, overrides, meta=meta)
 
 
-def model_sharded_state_dict(chunks: list) -> dict:
-    """Megatron-LM's checkpoint structure: ``model`` (or ``model0``, ``model1``... with VPP)."""
-    if len(chunks) == 1:
-        return {"model": unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
-
-
 # ------------------------------------------------------------------------- checkpoint layout
 
 def iteration_dir(path: str) -> str:
-    """The directory holding the dist checkpoint of an mcore checkpoint root (or the dir itself)."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"mcore checkpoint directory {path} does not exist")
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return path  # already an iteration directory
-    tracker = os.path.join(path, TRACKER)
-    if os.path.isfile(tracker):
-        with open(tracker) as f:
-            text = f.read().strip()
-        if text == RELEASE:
-            sub = RELEASE
-        else:
-            try:
-                sub = f"iter_{int(text):07d}"
-            except ValueError:
-                raise ValueError(f"{tracker}: expected 'release' or an iteration number, got {text!r}") from None
-        found = os.path.join(path, sub)
-        if not os.path.isdir(found):
-            raise FileNotFoundError(f"{tracker} says {text!r} but {found} does not exist")
-    else:
-        subs = sorted(d for d in os.listdir(path) if d.startswith("iter_") or d == RELEASE)
-        if not subs:
-            raise FileNotFoundError(f"{path} holds no mcore checkpoint (no {TRACKER}, release/ or iter_* directory)")
-        found = os.path.join(path, subs[-1])
-    if not os.path.isfile(os.path.join(found, "metadata.json")):
-        raise FileNotFoundError(f"{found} is not a torch_dist checkpoint (no metadata.json): the save did not "
-                                f"finish, or it has another format")
-    return found
+    """The directory holding the dist checkpoint that ``path`` (a checkpoint root, or the iteration
+    directory itself) means: ``megatron_swift.checkpoint.layout.resolve``'s rule."""
+    root = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"mcore checkpoint directory {root} does not exist")
+    ref = layout.resolve(root)
+    if ref is None:
+        raise FileNotFoundError(f"{root} holds no complete mcore checkpoint (no {layout.TRACKER}, release/ or "
+                                f"complete iter_* directory)")
+    return ref.directory
 
 
-def read_args_json(path: str) -> dict:
-    file = os.path.join(os.path.expanduser(path), ARGS_FILE)
-    if not os.path.isfile(file):
-        return {}
-    with open(file) as f:
-        return json.load(f)
-
-
-def write_layout(out_dir: str, args_info: dict, iteration=RELEASE) -> None:
-    with open(os.path.join(out_dir, TRACKER), "w") as f:
-        f.write(str(iteration))
-    with open(os.path.join(out_dir, ARGS_FILE), "w") as f:
-        json.dump(args_info, f, indent=2, default=str)
-        f.write("\n")
+def write_layout(out_dir: str, args_info: dict, iteration=layout.RELEASE) -> None:
+    layout.write_tracker(out_dir, iteration)
+    layout.write_args_json(out_dir, args_info)
 
 
 # ------------------------------------------------------------------------- saving (HF -> mcore)
@@ -350,10 +314,7 @@ def load_checkpoint(chunks: list, checkpoint_dir: str) -> None:
     """Loads a whole dist checkpoint into built (real) chunks, at their layout."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), iteration_dir(checkpoint_dir))
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, chunk in zip(keys, chunks):
-        unwrap(chunk).load_state_dict(state[key], strict=True)
+    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), iteration_dir(checkpoint_dir)))
 
 
 def _unprepended(sh, view: torch.Tensor):

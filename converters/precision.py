@@ -77,14 +77,15 @@ def mcore_logits(chunks: list, config, settings, tokens: torch.Tensor) -> Option
     return out if dist.get_rank() == 0 else None
 
 
-def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+def hf_logits(hf_dir: str, tokens: torch.Tensor, attn_implementation: str = "eager") -> torch.Tensor:
     import transformers
     from packaging.version import Version
     from transformers import AutoModelForCausalLM
 
     # transformers >= 4.56 calls it ``dtype`` (``torch_dtype`` before)
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager", **{key: torch.float32})
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation=attn_implementation,
+                                                 **{key: torch.float32})
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=tokens).logits.float()
@@ -106,9 +107,11 @@ def compare(hf: torch.Tensor, mc: torch.Tensor) -> dict:
 
 
 def check_precision(mcore_dir: str, hf_dir: str, hf_config, overrides: Optional[dict] = None,
-                    result_dir: Optional[str] = None, seq_len: int = 64, batch: int = 1) -> dict:
+                    result_dir: Optional[str] = None, seq_len: int = 64, batch: int = 1,
+                    hf_attn_implementation: str = "eager") -> dict:
     """Compares an mcore checkpoint with an HF model directory (collective); prints and returns
-    the numbers, and writes ``result_dir/convert_precision.json`` (rank 0)."""
+    the numbers, and writes ``result_dir/convert_precision.json`` (rank 0). ``hf_attn_implementation``:
+    transformers' attention for the HF side (eager, the plain formula, unless ``--attn_impl`` says)."""
     from .mcore_io import build_chunks, load_checkpoint
 
     overrides = dict(overrides or {})
@@ -123,7 +126,7 @@ def check_precision(mcore_dir: str, hf_dir: str, hf_config, overrides: Optional[
     rank = dist.get_rank() if dist.is_initialized() else 0
     result = None
     if rank == 0:
-        hf = hf_logits(hf_dir, tokens)
+        hf = hf_logits(hf_dir, tokens, hf_attn_implementation)
         result = compare(hf, mc)
         result["dtype"] = "float32"
         result["tokens"] = list(tokens.shape)

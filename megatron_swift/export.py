@@ -1,10 +1,11 @@
 """``megatron export``: HF <-> Megatron-Core conversion and the precision check.
 
 ``run_export(args)`` is what the CLI calls (in each torchrun worker, or the only process) with
-the validated ``ExportCommandArguments``. Problems with the inputs (a missing shard, a shape
-that does not match config.json, an unsupported architecture or layout, an existing output
-directory) are raised as ValueError / FileNotFoundError by the converter and printed as
-``megatron export: error: <message>`` (exit code 2).
+the validated ``ExportCommandArguments``; ``export_settings(args)`` reads every argument export
+uses, once, typed. Problems with the inputs (a missing shard, a shape that does not match
+config.json, an unsupported architecture or layout, an existing output directory) are raised as
+ValueError / FileNotFoundError by the converter and printed as ``megatron export: error: <message>``
+(exit code 2). Arguments export does not build are refused before workers start (args/support.py).
 
 Cheap checks of the inputs run before torch / megatron are imported, so a typo fails fast.
 """
@@ -15,48 +16,36 @@ import glob
 import json
 import os
 import sys
+from dataclasses import dataclass
+from typing import Optional
 
-UNSUPPORTED = (
-    ("merge_lora", "--merge_lora"),
-    ("mcore_adapters", "--mcore_adapters"),
-    ("push_to_hub", "--push_to_hub"),
-)
-
-
-def _preflight(args) -> None:
-    for name, flag in UNSUPPORTED:
-        if getattr(args, name, None):
-            raise ValueError(f"{flag} is not supported by this version of megatron export yet")
-    if not args.safe_serialization:
-        raise ValueError("--safe_serialization false (torch .bin output) is not supported; HF weights are "
-                         "written as safetensors")
-    if args.context_parallel_size != 1:
-        raise ValueError("--context_parallel_size > 1 is not supported for conversion (it does not change "
-                         "the weights: convert with context_parallel_size 1)")
-    if args.to_mcore:
-        if not args.model_dir:
-            raise ValueError(f"--model {args.model!r}: conversion needs a local Hugging Face model directory "
-                             f"(hub downloads are not supported here)")
-        index = os.path.join(args.model_dir, "model.safetensors.index.json")
-        if os.path.isfile(index):
-            with open(index) as f:
-                files = sorted(set((json.load(f).get("weight_map") or {}).values()))
-            missing = [n for n in files if not os.path.isfile(os.path.join(args.model_dir, n))]
-            if missing:
-                raise FileNotFoundError(f"{index} lists {len(missing)} shard file(s) that do not exist: "
-                                        f"{', '.join(missing)}")
-        elif not glob.glob(os.path.join(args.model_dir, "*.safetensors")):
-            raise FileNotFoundError(f"no safetensors weights in {args.model_dir} (expected model.safetensors, "
-                                    f"model.safetensors.index.json or *.safetensors)")
-    else:
-        if not os.path.isdir(os.path.expanduser(args.mcore_model)):
-            raise FileNotFoundError(f"--mcore_model {args.mcore_model}: directory does not exist")
+# ms-swift's --attn_impl names -> transformers' attn_implementation
+HF_ATTENTION = {None: "eager", "eager": "eager", "sdpa": "sdpa", "flash_attn": "flash_attention_2"}
 
 
-def _layout(args):
-    from megatron_swift.platform import ParallelLayout
-
-    return ParallelLayout.from_args(args)
+@dataclass
+class ExportSettings:
+    to_mcore: bool  # else to_hf (exactly one is true: validated)
+    model: str
+    model_type: Optional[str]  # must match config.json's when given
+    model_dir: Optional[str]  # None for a hub id until it is downloaded
+    mcore_model: Optional[str]
+    output_dir: str
+    layout: dict  # ParallelLayout fields (torch is imported only after the preflight checks)
+    overrides: dict  # TransformerConfig fields of the layout
+    torch_dtype: Optional[str]  # explicit --torch_dtype (None: the source's)
+    thread_count: Optional[int]
+    max_shard_size: str
+    exist_ok: bool
+    test_convert_precision: bool
+    hf_attn_implementation: str
+    trust_remote_code: bool
+    seed: int
+    timeout_seconds: int
+    distributed_backend: Optional[str]
+    use_hf: bool
+    hub_token: Optional[str]
+    model_revision: Optional[str]
 
 
 def _overrides(args) -> dict:
@@ -70,30 +59,82 @@ def _overrides(args) -> dict:
     return out
 
 
+LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                 "context_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size")
+
+
+def export_settings(args) -> ExportSettings:
+    explicit = "torch_dtype" in (getattr(args, "explicit_args", None) or [])
+    assert args.to_mcore != args.to_hf
+    return ExportSettings(
+        to_mcore=args.to_mcore, model=args.model, model_type=args.model_type, model_dir=args.model_dir,
+        mcore_model=args.mcore_model,
+        output_dir=args.output_dir, layout={name: getattr(args, name) for name in LAYOUT_FIELDS},
+        overrides=_overrides(args),
+        # to_hf: the dtype the checkpoint was converted with (args.json) unless given
+        torch_dtype=args.torch_dtype if (explicit or args.to_mcore) else None, thread_count=args.thread_count,
+        max_shard_size=args.max_shard_size, exist_ok=args.exist_ok, test_convert_precision=args.test_convert_precision,
+        hf_attn_implementation=HF_ATTENTION[args.attn_impl], trust_remote_code=args.trust_remote_code,
+        seed=args.seed, timeout_seconds=args.ddp_timeout, distributed_backend=args.distributed_backend,
+        use_hf=args.use_hf, hub_token=args.hub_token, model_revision=args.model_revision,
+    )
+
+
+def _preflight(s: ExportSettings) -> None:
+    if s.layout["context_parallel_size"] != 1:
+        raise ValueError("--context_parallel_size > 1 is not supported for conversion (it does not change "
+                         "the weights: convert with context_parallel_size 1)")
+    if s.to_mcore:
+        if not s.model_dir:
+            return  # a hub id: downloaded (and its files checked) by the workers
+        index = os.path.join(s.model_dir, "model.safetensors.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                files = sorted(set((json.load(f).get("weight_map") or {}).values()))
+            missing = [n for n in files if not os.path.isfile(os.path.join(s.model_dir, n))]
+            if missing:
+                raise FileNotFoundError(f"{index} lists {len(missing)} shard file(s) that do not exist: "
+                                        f"{', '.join(missing)}")
+        elif not glob.glob(os.path.join(s.model_dir, "*.safetensors")):
+            raise FileNotFoundError(f"no safetensors weights in {s.model_dir} (expected model.safetensors, "
+                                    f"model.safetensors.index.json or *.safetensors)")
+    else:
+        if not os.path.isdir(os.path.expanduser(s.mcore_model)):
+            raise FileNotFoundError(f"--mcore_model {s.mcore_model}: directory does not exist")
+
+
 def export(args):
     """Runs the conversion; raises ValueError / FileNotFoundError on bad inputs."""
-    _preflight(args)
+    s = export_settings(args)
+    _preflight(s)
     from megatron_swift.converters.convert import convert_hf_to_mcore, convert_mcore_to_hf
-    from megatron_swift.platform import destroy_parallel, init_parallel
+    from megatron_swift.platform import ParallelLayout, destroy_parallel, init_parallel
 
-    init_parallel(_layout(args), seed=getattr(args, "seed", 42) or 42)
+    init_parallel(ParallelLayout(**s.layout), seed=s.seed, timeout_seconds=s.timeout_seconds, backend=s.distributed_backend)
     try:
-        if args.to_mcore:
+        if s.model_dir is None:  # a hub id: each node's first rank fetches it into the cache first
+            from megatron_swift.data.pipeline import main_process_first
+            from megatron_swift.model.hub import resolve_model_dir
+
+            with main_process_first():
+                s.model_dir = resolve_model_dir(s.model, s.use_hf, s.hub_token, s.model_revision)
+            _preflight(s)
+        if s.to_mcore:
             from megatron_swift.model import load_hf_config
 
-            hf_config = load_hf_config(args.model_dir, trust_remote_code=args.trust_remote_code)
+            hf_config = load_hf_config(s.model_dir, trust_remote_code=s.trust_remote_code)
+            if s.model_type and s.model_type != hf_config.model_type:
+                raise ValueError(f"--model_type {s.model_type}: {s.model} is a {hf_config.model_type!r} model "
+                                 f"(config.json); leave --model_type unset")
             result = convert_hf_to_mcore(
-                args.model_dir, args.output_dir, hf_config=hf_config, overrides=_overrides(args),
-                torch_dtype=args.torch_dtype, thread_count=args.thread_count, exist_ok=args.exist_ok,
-                test_convert_precision=args.test_convert_precision, model_id=args.model)
+                s.model_dir, s.output_dir, hf_config=hf_config, overrides=s.overrides, torch_dtype=s.torch_dtype,
+                thread_count=s.thread_count, exist_ok=s.exist_ok, test_convert_precision=s.test_convert_precision,
+                model_id=s.model, hf_attn_implementation=s.hf_attn_implementation)
         else:
-            # default: the dtype the checkpoint was converted with (args.json), not the source config's
-            explicit = "torch_dtype" in (getattr(args, "explicit_args", None) or [])
             result = convert_mcore_to_hf(
-                args.mcore_model, args.output_dir, source_dir=args.model_dir, overrides=_overrides(args),
-                torch_dtype=args.torch_dtype if explicit else None, max_shard_size=args.max_shard_size,
-                thread_count=args.thread_count, exist_ok=args.exist_ok,
-                test_convert_precision=args.test_convert_precision)
+                s.mcore_model, s.output_dir, source_dir=s.model_dir, overrides=s.overrides, torch_dtype=s.torch_dtype,
+                max_shard_size=s.max_shard_size, thread_count=s.thread_count, exist_ok=s.exist_ok,
+                test_convert_precision=s.test_convert_precision, hf_attn_implementation=s.hf_attn_implementation)
     finally:
         destroy_parallel()
     return result

@@ -167,7 +167,8 @@ def _naive_hf_to_mcore(src: str, dst: str) -> None:
     gc.collect()
     os.makedirs(dst)
     save_checkpoint(chunks, os.path.join(dst, "release"))
-    write_layout(dst, {"model": src, "hf_config": hf_config.to_dict(), "torch_dtype": "bfloat16"})
+    write_layout(dst, {"model": src, "model_dir": src, "model_type": hf_config.model_type,
+                       "hf_config": hf_config.to_dict(), "template": None, "torch_dtype": "bfloat16"})
 
 
 def _naive_mcore_to_hf(src: str, dst: str, hf_dir: str, shard: str) -> None:

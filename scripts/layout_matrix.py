@@ -3,7 +3,7 @@
 For a tiny dense Qwen3 and a tiny Qwen3-MoE (8 experts, top 2, load-balancing loss on), each
 2-process layout trains 3 optimizer steps with padded, padding-free and packed batches, and its
 per-step loss, gradient norm and (MoE) load-balancing loss are compared with a 1-process run of the
-same command. The data has log-normal answer lengths, so every micro batch and every data-parallel
+same command (and the parameter norm after each step). The data has log-normal answer lengths, so every micro batch and every data-parallel
 rank holds a different number of tokens.
 
     .venv/bin/python scripts/layout_matrix.py --out output/layout_matrix            # the full matrix
@@ -34,7 +34,7 @@ BATCHES = {
     "packed": ["--packing", "true"],
 }
 COMMON = ["--global_batch_size", "8", "--lr", "1e-3", "--lr_warmup_iters", "1", "--max_length", "512",
-          "--log_interval", "1", "--split_dataset_ratio", "0", "--add_version", "false"]
+          "--log_interval", "1", "--split_dataset_ratio", "0", "--add_version", "false", "--log_params_norm", "true"]
 THREE_STEPS = ("--train_iters", "3", "--no_save_optim", "true", "--no_save_rng", "true")
 
 
@@ -125,7 +125,7 @@ def compare(reference: list, actual: list) -> dict:
     if [s["iteration"] for s in actual] != [s["iteration"] for s in reference]:
         raise AssertionError(f"logged iterations differ: {[s['iteration'] for s in actual]}")
     out = {}
-    for key in ("loss", "grad_norm", "load_balancing_loss"):
+    for key in ("loss", "grad_norm", "params_norm", "load_balancing_loss"):
         if key in reference[0]:
             out[key] = max(_rel(a[key], r[key]) for a, r in zip(actual, reference))
     return out
@@ -158,12 +158,12 @@ class Matrix:
 
 def markdown(results: list) -> str:
     lines = ["| model | batches | layout (2 processes) | losses (3 steps) | max rel. diff loss | grad norm | "
-             "load-balancing loss | s | result |", "|---|---|---|---|---|---|---|---|---|"]
+             "params norm | load-balancing loss | s | result |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         d = r["diffs"]
         lb = f"{d['load_balancing_loss']:.1e}" if "load_balancing_loss" in d else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['layout']} | {' '.join(f'{x:.5f}' for x in r['losses'])} "
-                     f"| {d['loss']:.1e} | {d['grad_norm']:.1e} | {lb} | {r['seconds']:.0f} | "
+                     f"| {d['loss']:.1e} | {d['grad_norm']:.1e} | {d['params_norm']:.1e} | {lb} | {r['seconds']:.0f} | "
                      f"{'equal' if r['ok'] else 'DIFFERS'} |")
     return "\n".join(lines)
 

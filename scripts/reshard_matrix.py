@@ -102,12 +102,13 @@ class Reshard:
 
 def markdown(results: list) -> str:
     lines = ["| model | saved at | resumed at | optimizer | losses (steps 3-4) | max rel. diff loss | grad norm | "
-             "load-balancing loss | result |", "|---|---|---|---|---|---|---|---|---|"]
+             "params norm | load-balancing loss | result |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         d = r["diffs"]
         lb = f"{d['load_balancing_loss']:.1e}" if "load_balancing_loss" in d else "-"
         lines.append(f"| {r['model']} | {r['saved_at']} | {r['resumed_at']} | {r['optimizer']} | "
-                     f"{' '.join(f'{x:.5f}' for x in r['losses'])} | {d['loss']:.1e} | {d['grad_norm']:.1e} | {lb} | "
+                     f"{' '.join(f'{x:.5f}' for x in r['losses'])} | {d['loss']:.1e} | {d['grad_norm']:.1e} | "
+                     f"{d['params_norm']:.1e} | {lb} | "
                      f"{'equal' if r['ok'] else 'DIFFERS'} |")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -36,8 +37,10 @@ def make_model(root: Path, name: str = "tiny-model", **overrides) -> str:
 
 
 def make_ckpt(root: Path, name: str = "ckpt") -> str:
+    """A checkpoint directory as far as discovery sees it (a complete iteration: metadata.json)."""
     path = root / name
     (path / "iter_0000010").mkdir(parents=True, exist_ok=True)
+    (path / "iter_0000010" / "metadata.json").write_text("{}")
     (path / "latest_checkpointed_iteration.txt").write_text("10")
     return str(path)
 
@@ -47,8 +50,20 @@ def model(tmp_path):
     return make_model(tmp_path)
 
 
+_DATA_DIR = Path(tempfile.mkdtemp(prefix="megatron-swift-cli-args-"))
+
+
+def data_file(name: str = "data.jsonl") -> str:
+    """A one-row chat file (dataset paths are checked before workers start)."""
+    path = _DATA_DIR / name
+    if not path.exists():
+        path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": "hello"}]}) + "\n")
+    return str(path)
+
+
 def sft(model_dir, *extra, command="sft", world_size=1):
-    argv = ["--model", model_dir, "--dataset", "data.jsonl", "--train_iters", "10", *extra]
+    argv = ["--model", model_dir, "--dataset", data_file(), "--train_iters", "10", *extra]
     return parse_args(command, argv, world_size=world_size)
 
 
@@ -104,8 +119,10 @@ def test_every_spec_name_is_an_argument(start, stop):
 def test_lora_lr_and_command_defaults(model, tmp_path):
     # LoRA training is not built yet: sft refuses it instead of silently training in full
     assert "--train_type" in error_of(sft, model, "--train_type", "lora")
-    assert "--save_safetensors" in error_of(sft, model, "--save_safetensors", "true")
-    assert sft(model, "--load", make_ckpt(tmp_path / "lora"), "--train_type", "lora", command="rlhf").lr == 1e-4
+    assert "--tuner_type" not in error_of(sft, model, "--tuner_type", "lora")  # the 4.x alias, reported canonically
+    assert "--train_type" in error_of(sft, model, "--load", make_ckpt(tmp_path / "lora"), "--train_type", "lora",
+                                      command="rlhf")
+    assert "--lora_rank" in error_of(sft, model, "--lora_rank", "16")  # a LoRA option with full training
     pt = sft(model, command="pt")
     assert isinstance(pt, PtArguments)
     assert pt.use_chat_template is False and pt.loss_scale == "all"
@@ -192,10 +209,11 @@ def test_rlhf_type_choices(model):
 
 def test_yaml_config_with_command_line_override(model, tmp_path):
     cfg = tmp_path / "train.yaml"
-    cfg.write_text(f"model: {model}\ndataset: [a.jsonl, b.jsonl]\ntrain_iters: 20\nlr: 3.0e-5\n"
+    a, b = data_file("a.jsonl"), data_file("b.jsonl")
+    cfg.write_text(f"model: {model}\ndataset: [{a}, {b}]\ntrain_iters: 20\nlr: 3.0e-5\n"
                    f"micro_batch_size: 2\nno_save_optim: true\ncolumns: {{x: y}}\nsave_steps: 50\n")
     args = parse_args("sft", ["--config", str(cfg), "--micro_batch_size", "4", "--save_interval", "7"], world_size=1)
-    assert args.dataset == ["a.jsonl", "b.jsonl"] and args.train_iters == 20 and args.lr == 3e-5
+    assert args.dataset == [a, b] and args.train_iters == 20 and args.lr == 3e-5
     assert args.micro_batch_size == 4 and args.no_save_optim is True and args.columns == {"x": "y"}
     assert args.save_interval == 7  # the command line wins over the file's alias
     assert args.num_micro_batches == 4
@@ -203,9 +221,10 @@ def test_yaml_config_with_command_line_override(model, tmp_path):
 
 def test_json_config_and_config_errors_name_the_file(model, tmp_path):
     cfg = tmp_path / "train.json"
-    cfg.write_text(json.dumps({"model": model, "dataset": "one.jsonl", "max_epochs": 2, "bf16": False}))
+    one = data_file("one.jsonl")
+    cfg.write_text(json.dumps({"model": model, "dataset": one, "max_epochs": 2, "bf16": False}))
     args = parse_args("sft", ["--config", str(cfg)], world_size=1)
-    assert args.dataset == ["one.jsonl"] and args.max_epochs == 2 and args.torch_dtype == "float32"
+    assert args.dataset == [one] and args.max_epochs == 2 and args.torch_dtype == "float32"
     bad = tmp_path / "bad.yaml"
     bad.write_text("micro_batch_sise: 2\n")
     message = error_of(parse_args, "sft", ["--config", str(bad)], world_size=1)
@@ -242,7 +261,6 @@ def test_aliases(model, tmp_path):
 
 @pytest.mark.parametrize("argv, names", [
     (["--bf16", "--fp16"], ["--bf16", "--fp16"]),
-    (["--max_epochs", "2"], ["--train_iters", "--max_epochs"]),
     (["--lr_warmup_iters", "5", "--lr_warmup_fraction", "0.1"], ["--lr_warmup_iters", "--lr_warmup_fraction"]),
     (["--sequence_parallel", "true"], ["--sequence_parallel", "--tensor_model_parallel_size"]),
     (["--recompute_granularity", "full"], ["--recompute_method", "--recompute_num_layers"]),
@@ -372,11 +390,13 @@ def test_model_and_load_paths(model, tmp_path):
     message = error_of(sft, model, "--load", str(tmp_path / "no_ckpt"))
     assert "--load" in message and "no_ckpt" in message
     iter_dir = Path(make_ckpt(tmp_path)) / "iter_0000010"
+    assert sft(model, "--load", str(iter_dir)).load == str(iter_dir)  # an iteration directory itself
+    (iter_dir / "metadata.json").unlink()
     message = error_of(sft, model, "--load", str(iter_dir))
     assert "--load" in message and "parent" in message
     ckpt = make_ckpt(tmp_path, "with-args")
     (Path(ckpt) / "args.json").write_text(json.dumps({"model": model}))
-    args = parse_args("sft", ["--load", ckpt, "--dataset", "d", "--train_iters", "1"], world_size=1)
+    args = parse_args("sft", ["--load", ckpt, "--dataset", data_file(), "--train_iters", "1"], world_size=1)
     assert args.model == model and args.hf_config is not None
 
 

@@ -164,3 +164,16 @@ print("ok", float(loss))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2_moe"])
+def test_meta_builds_allocate_and_initialise_nothing(family, megatron_world1):
+    """The converters plan with meta builds: every parameter and buffer must be on the meta device,
+    also those megatron creates with an explicit device (its local layers, Transformer Engine's) or
+    with none (qwen2_moe's shared-expert gate)."""
+    from megatron_swift.model import build_model
+
+    chunks, config, _ = build_model(tiny_hf_config(family), {"use_cpu_initialization": False}, meta=True)
+    assert config.perform_initialization is False
+    tensors = [(n, t) for c in chunks for n, t in list(c.named_parameters()) + list(c.named_buffers())]
+    assert tensors and [n for n, t in tensors if not t.is_meta] == []

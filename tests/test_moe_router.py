@@ -41,7 +41,7 @@ def test_logged_load_balancing_loss_equals_transformers_at_step_1(tmp_path):
     logged = json.loads((tmp_path / "run" / "logging.jsonl").read_text().splitlines()[0])["load_balancing_loss"]
 
     # the micro batch of step 1, from the same data pipeline; its sequences split at cu_seqlens
-    args = parse_args("sft", argv)
+    args = parse_args("sft", [*argv, "--save", str(tmp_path / "parse")])  # (the run's --save holds its checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(model)
     batch = next(prepare_data(args, tokenizer).train_iterator(micro_batch_size=4))
     cu = batch["packed_seq_params"].cu_seqlens_q.tolist()

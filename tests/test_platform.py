@@ -152,3 +152,25 @@ def test_top_level_kernels_folder_does_not_shadow_hf_kernels():
     assert no_regular_package, "a regular top-level `kernels` package is importable from the repo root"
     assert name == "megatron_swift.kernels.norm"
     assert importlib.util.find_spec("megatron_swift.kernels") is not None
+
+
+def test_tensor_parallel_marks_without_initialisation(megatron_world1):
+    """megatron-core < 0.17 marks local linears' weights as tensor-parallel only inside its weight
+    init: with perform_initialization=False the marks are missing (reproduced on megatron's own layer),
+    and gradient clipping would count TP shards as duplicates. The builder adds them (mcore_compat)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_swift.model import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.platform.mcore_compat import megatron_core_version, set_tensor_parallel_attributes
+
+    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, perform_initialization=False)
+    layer = ColumnParallelLinear(8, 8, config=config, init_method=config.init_method, bias=False)
+    if megatron_core_version() < (0, 17, 0):
+        assert not hasattr(layer.weight, "tensor_model_parallel"), "megatron marks them now: retire the workaround"
+    set_tensor_parallel_attributes(layer)
+    assert layer.weight.tensor_model_parallel and layer.weight.partition_dim == 0
+    (model,), _, _ = build_model(tiny_hf_config("qwen3"), {"perform_initialization": False})
+    linears = [m for m in model.modules() if isinstance(m, ColumnParallelLinear)]
+    assert linears and all(getattr(m.weight, "tensor_model_parallel", False) for m in linears)

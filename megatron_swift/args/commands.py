@@ -87,14 +87,23 @@ _TRAIN_ALIASES = {
     "save_steps": "save_interval",
     "num_train_epochs": "max_epochs",
     "mcore_model": "load",
+    # ms-swift 4.x names of 3.x arguments
+    "tuner_type": "train_type",
+    "logging_steps": "log_interval",
+    "eval_steps": "eval_interval",
+    "megatron_extra_kwargs": "extra_megatron_kwargs",
+    "dataloader_num_workers": "num_workers",
+    "ddp_backend": "distributed_backend",
+    "mcore_adapter": "adapter_load",
 }
 
 # alias -> canonical name, per command
 ALIASES: Dict[str, Dict[str, str]] = {
     "pt": dict(_TRAIN_ALIASES),
     "sft": dict(_TRAIN_ALIASES),
-    "rlhf": dict(_TRAIN_ALIASES, teather_model="teacher_model"),
-    "export": {},
+    "rlhf": dict(_TRAIN_ALIASES, teather_model="teacher_model", mcore_ref_model="ref_load",
+                 mcore_ref_adapter="ref_adapter_load"),
+    "export": {"ddp_backend": "distributed_backend"},
 }
 
 # Names users bring from ms-swift's transformers-based trainer: shown as hints for unknown arguments.
@@ -103,13 +112,11 @@ HF_NAME_HINTS = {
     "per_device_train_batch_size": "micro_batch_size",
     "gradient_accumulation_steps": "global_batch_size",
     "max_steps": "train_iters",
-    "logging_steps": "log_interval",
     "logging_dir": "tensorboard_dir",
     "warmup_ratio": "lr_warmup_fraction",
     "warmup_steps": "lr_warmup_iters",
     "lr_scheduler_type": "lr_decay_style",
     "max_grad_norm": "clip_grad",
-    "eval_steps": "eval_interval",
     "gradient_checkpointing": "recompute_granularity",
     "resume_from_checkpoint": "load",
     "deepspeed": "use_distributed_optimizer",

@@ -26,7 +26,8 @@ class BaseArguments:
     custom_register_path: List[str] = arg(factory=list,
                                           help="Python files that register custom models/templates/datasets.")
     external_plugins: List[str] = arg(factory=list, help="Python plugin files to import before running.")
-    ddp_timeout: int = arg(18000000, gt=0, help="Timeout of collective operations, in seconds.")
+    ddp_timeout: int = arg(18000000, gt=0, help="Timeout of collective operations (process-group timeout), in "
+                                                "seconds; --distributed_timeout_minutes sets the same timeout.")
 
 
 @dataclass
@@ -157,7 +158,20 @@ class MegatronArguments(ParallelArguments):
     save: Optional[str] = arg(None, help="Checkpoint directory; default: megatron_output/<model name>.")
     add_version: bool = arg(True, help="Save under <save>/v<N>-<timestamp>/.")
     save_interval: int = arg(500, ge=1, help="Iterations between checkpoints; always saves at the end.")
-    save_safetensors: bool = arg(False, help="Also save Hugging Face safetensors with each checkpoint.")
+    save_total_limit: Optional[int] = arg(None, ge=1, help="Keep only the newest N checkpoints (never the one "
+                                                            "`latest` names or one being written); none: keep all.")
+    save_safetensors: bool = arg(False, help="Also write Hugging Face safetensors (+ config, tokenizer) of each "
+                                             "saved iteration to <save>/iter_XXXXXXX-hf/.")
+    async_save: bool = arg(False, help="Write checkpoints in the background while training continues "
+                                       "(torch_dist).")
+    overwrite_output_dir: bool = arg(False, help="Start a new run in a --save directory that already holds "
+                                                 "checkpoints (they are deleted); without it that is refused.")
+    exit_signal_handler: bool = arg(False, help="On SIGTERM or SIGUSR1: finish the current step, save, exit 0 "
+                                               "(preemption; resume with --load = --save).")
+    exit_interval: Optional[int] = arg(None, ge=1, help="Save and exit after every N-th iteration (a job that "
+                                                       "fits a time slot).")
+    exit_duration_in_mins: Optional[float] = arg(None, gt=0.0, help="Save and exit once training has run this "
+                                                                    "many minutes.")
     load: Optional[str] = arg(None, help="mcore checkpoint to load (parent of iter_*).")
     finetune: bool = arg(False, help="Load weights only and reset the iteration to 0.")
     no_save_optim: bool = arg(False, help="Do not save optimizer states.")
@@ -165,12 +179,19 @@ class MegatronArguments(ParallelArguments):
     no_load_optim: bool = arg(False, help="Do not load optimizer states.")
     no_load_rng: bool = arg(False, help="Do not load RNG states.")
     ckpt_format: str = arg("torch_dist", choices=("torch_dist", "torch"), help="Checkpoint format.")
+    auto_detect_ckpt_format: bool = arg(True, help="Detect the format of the --load checkpoint (torch_dist, or "
+                                                   "Megatron's legacy per-rank torch files).")
     exit_on_missing_checkpoint: bool = arg(True, help="Fail when --load has no checkpoint.")
+    no_initialization: bool = arg(True, help="Skip random initialisation of weights that are loaded anyway "
+                                             "(models without weights are always initialised).")
+    use_cpu_initialization: bool = arg(False, help="Initialise weights on the CPU, then move them to the device.")
     # parallelism extras
     use_distributed_optimizer: bool = arg(True, help="Shard optimizer states across data-parallel ranks.")
     overlap_grad_reduce: bool = arg(False, help="Overlap gradient reduce-scatter with backward.")
     overlap_param_gather: bool = arg(False, help="Overlap parameter all-gather with forward.")
     tp_comm_overlap: bool = arg(False, help="Overlap TP communication with GEMMs (Transformer Engine).")
+    distributed_timeout_minutes: Optional[int] = arg(None, ge=1, help="Process-group timeout in minutes (the "
+                                                                      "same timeout as --ddp_timeout).")
     # MoE
     num_experts: Optional[int] = arg(None, ge=1, help="Number of experts; default: from config.json.")
     moe_ffn_hidden_size: Optional[int] = arg(None, ge=1, help="Expert FFN size; default: from config.json.")
@@ -188,11 +209,23 @@ class MegatronArguments(ParallelArguments):
                                               help="Load balancing.")
     moe_z_loss_coeff: Optional[float] = arg(None, ge=0.0, help="Router z-loss weight.")
     moe_expert_capacity_factor: Optional[float] = arg(None, gt=0.0, help="Expert capacity factor (token dropping).")
-    moe_permute_fusion: bool = arg(False, help="Fused token permutation.")
-    # fusions / kernels
+    moe_permute_fusion: bool = arg(False, help="Fused token permutation (GPU).")
+    moe_enable_deepep: bool = arg(False, help="DeepEP token dispatch with --moe_token_dispatcher_type flex (GPU).")
+    moe_shared_expert_overlap: bool = arg(False, help="Overlap the shared expert with token dispatch (GPU).")
+    # fusions / kernels: a positive flag left unset means "when this machine has the kernel"; true
+    # demands it (refused where it is missing), false (or the no_* flag) turns it off
     cross_entropy_loss_fusion: bool = arg(False, help="Fused cross entropy.")
+    cross_entropy_fusion_impl: str = arg("native", choices=("native", "te"),
+                                         help="Fused cross-entropy implementation (te: Transformer Engine, GPU).")
     attention_backend: str = arg("auto", choices=("flash", "fused", "unfused", "local", "auto"),
-                                 help="Attention backend.")
+                                 help="Attention backend: Transformer Engine's flash/fused/unfused (GPU), local "
+                                      "(megatron's own), auto (TE picks; local without TE).")
+    masked_softmax_fusion: Optional[bool] = arg(None, help="Masked softmax fusion; default: when available.")
+    bias_dropout_fusion: Optional[bool] = arg(None, help="Bias-dropout fusion; default: when available.")
+    bias_swiglu_fusion: Optional[bool] = arg(None, help="Bias-SwiGLU fusion; default: when available.")
+    apply_rope_fusion: Optional[bool] = arg(None, help="RoPE fusion; default: when available.")
+    gradient_accumulation_fusion: Optional[bool] = arg(None, help="Gradient-accumulation fusion (NVIDIA apex); "
+                                                                  "default: when available.")
     no_masked_softmax_fusion: bool = arg(False, help="Disable the masked softmax fusion.")
     no_bias_dropout_fusion: bool = arg(False, help="Disable the bias-dropout fusion.")
     no_bias_swiglu_fusion: bool = arg(False, help="Disable the bias-SwiGLU fusion.")
@@ -203,14 +236,43 @@ class MegatronArguments(ParallelArguments):
     bf16: Optional[bool] = arg(None, help="bfloat16 training; default: follows torch_dtype.")
     fp16: Optional[bool] = arg(None, help="float16 training; default: follows torch_dtype.")
     attention_softmax_in_fp32: bool = arg(True, help="Attention softmax in float32.")
+    apply_query_key_layer_scaling: Optional[bool] = arg(None, help="Scale Q.K^T by 1/layer number (fp16 "
+                                                                   "stability); default: true with fp16.")
+    use_precision_aware_optimizer: bool = arg(False, help="Transformer Engine's precision-aware Adam (GPU): main "
+                                                          "params / grads / moments in the dtypes below.")
+    main_grads_dtype: str = arg("fp32", choices=("fp32", "bf16"), help="Main-gradient dtype (precision-aware "
+                                                                        "optimizer).")
+    main_params_dtype: str = arg("fp32", choices=("fp32", "fp16"), help="Main-parameter dtype (precision-aware "
+                                                                         "optimizer).")
+    exp_avg_dtype: str = arg("fp32", choices=("fp32", "fp16", "bf16", "fp8"), help="Adam first-moment dtype "
+                                                                                   "(precision-aware optimizer).")
+    exp_avg_sq_dtype: str = arg("fp32", choices=("fp32", "fp16", "bf16", "fp8"), help="Adam second-moment dtype "
+                                                                                      "(precision-aware optimizer).")
     # logging / eval
     log_interval: int = arg(5, ge=1, help="Iterations between log lines.")
+    report_to: Optional[List[str]] = arg(None, choices=("tensorboard", "wandb", "swanlab", "all", "none"),
+                                         help="Where metrics go besides logging.jsonl; default: tensorboard, plus "
+                                              "wandb when --wandb_project is given.")
     tensorboard_dir: Optional[str] = arg(None, help="TensorBoard directory; default: <save>/runs (set by trainer).")
-    log_throughput: bool = arg(False, help="Log throughput (TFLOP/s per GPU).")
+    tensorboard_log_interval: int = arg(1, ge=1, help="Iterations between TensorBoard points.")
+    tensorboard_queue_size: int = arg(50, ge=1, help="TensorBoard writer queue (events buffered before a flush).")
+    log_timers_to_tensorboard: bool = arg(True, help="Step, data and save times to TensorBoard.")
+    log_memory_to_tensorboard: bool = arg(True, help="Memory (host RSS; device allocated on GPU) to TensorBoard.")
+    log_validation_ppl_to_tensorboard: bool = arg(True, help="Validation perplexity to TensorBoard.")
+    no_log_learning_rate_to_tensorboard: bool = arg(False, help="Leave the learning rate out of TensorBoard.")
+    log_params_norm: bool = arg(False, help="Log the L2 norm of all parameters.")
+    log_throughput: bool = arg(False, help="Log model TFLOP/s per device (6 x params x tokens + attention).")
+    logging_level: Optional[str] = arg(None, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                                       help="Log level of megatron-swift and megatron-core; default: INFO on rank 0, "
+                                            "WARNING elsewhere.")
     wandb_project: Optional[str] = arg(None, help="Weights & Biases project (enables wandb).")
     wandb_exp_name: Optional[str] = arg(None, help="Weights & Biases run name.")
+    wandb_save_dir: Optional[str] = arg(None, help="Local directory of wandb files; default: <save>.")
     eval_iters: int = arg(-1, ge=-1, help="Evaluation iterations (-1: the whole validation set).")
     eval_interval: Optional[int] = arg(None, ge=1, help="Iterations between evaluations; default: save_interval.")
+    manual_gc: bool = arg(False, help="Disable Python's automatic garbage collection; collect every "
+                                      "--manual_gc_interval steps instead.")
+    manual_gc_interval: int = arg(0, ge=0, help="Steps between manual garbage collections (0: only at start).")
     # model shape overrides (None = derived from the HF config.json)
     num_layers: Optional[int] = arg(None, ge=1, help="Override: number of layers.")
     hidden_size: Optional[int] = arg(None, ge=1, help="Override: hidden size.")
@@ -220,6 +282,16 @@ class MegatronArguments(ParallelArguments):
     kv_channels: Optional[int] = arg(None, ge=1, help="Override: head dimension.")
     rotary_base: Optional[float] = arg(None, gt=0.0, help="Override: RoPE base (rope_theta).")
     normalization: Optional[str] = arg(None, choices=("RMSNorm", "LayerNorm"), help="Override: normalization.")
+    group_query_attention: Optional[bool] = arg(None, help="Override: grouped-query attention (default: "
+                                                           "num_query_groups < num_attention_heads).")
+    max_position_embeddings: Optional[int] = arg(None, ge=1, help="Override: longest position RoPE is prepared "
+                                                                  "for.")
+    position_embedding_type: str = arg("rope", choices=("learned_absolute", "rope", "mrope", "relative", "none"),
+                                       help="Position embedding (the supported families use rope).")
+    rotary_percent: float = arg(1.0, gt=0.0, le=1.0, help="Fraction of each head rotated by RoPE.")
+    attention_dropout: float = arg(0.0, ge=0.0, lt=1.0, help="Dropout on attention probabilities.")
+    hidden_dropout: float = arg(0.0, ge=0.0, lt=1.0, help="Dropout on the attention and MLP outputs.")
+    disable_bias_linear: bool = arg(True, help="No bias in the linear layers (QKV bias: --add_qkv_bias).")
     norm_epsilon: Optional[float] = arg(None, gt=0.0, help="Override: normalization epsilon.")
     swiglu: Optional[bool] = arg(None, help="Override: SwiGLU MLP.")
     untie_embeddings_and_output_weights: Optional[bool] = arg(None, help="Override: separate output layer.")
@@ -229,9 +301,14 @@ class MegatronArguments(ParallelArguments):
     transformer_impl: Optional[str] = arg(None, choices=("transformer_engine", "local"),
                                           help="Layer implementation; default: transformer_engine when installed.")
     # training extras
-    dataloader_type: str = arg("cyclic", choices=("single", "cyclic", "external"), help="Data loader type.")
-    num_workers: int = arg(4, ge=0, help="Data loader worker processes.")
-    extra_megatron_kwargs: Optional[Dict] = arg(None, help="JSON object passed to the model config.")
+    dataloader_type: str = arg("cyclic", choices=("single", "cyclic", "external"),
+                               help="Data order: cyclic (epoch after epoch, order from --dataset_shuffle/"
+                                    "--data_seed).")
+    num_workers: int = arg(4, ge=0, help="Micro-batch groups prepared ahead of the running step by a background "
+                                         "thread (0: prepared inline).")
+    no_create_attention_mask_in_dataloader: bool = arg(True, help="Batches carry no attention mask (causal "
+                                                                  "attention; padding-free batches use cu_seqlens).")
+    extra_megatron_kwargs: Optional[Dict] = arg(None, help="JSON object of extra TransformerConfig fields.")
 
 
 @dataclass
@@ -273,6 +350,8 @@ GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 class RLHFArguments:
     rlhf_type: str = arg("dpo", choices=RLHF_TYPES, help="Alignment algorithm.")
     ref_load: Optional[str] = arg(None, help="mcore checkpoint of the reference model; default: --load.")
+    ref_model: Optional[str] = arg(None, help="Hugging Face reference model (id or directory); default: the "
+                                              "policy's starting weights.")
     ref_adapter_load: Optional[str] = arg(None, help="mcore LoRA checkpoint of the reference model.")
     beta: Optional[float] = arg(None, ge=0.0, help="KL coefficient; default: 0.1 (simpo 2.0, grpo 0.04, gkd 0.5).")
     rpo_alpha: Optional[float] = arg(1.0, ge=0.0, help="Weight of the SFT loss added to DPO (none: off).")

@@ -6,46 +6,56 @@ fields (``world_size``, ``data_parallel_size``, ``num_micro_batches``, ``hf_conf
 """
 from __future__ import annotations
 
-import importlib.util
-
 import json
 import math
 import os
 import re
 from typing import List, Mapping, Optional
 
+from megatron_swift.args.capabilities import Capabilities
 from megatron_swift.args.dist_env import is_torchrun_worker
 from megatron_swift.args.errors import ArgumentError
+from megatron_swift.args.support import check_support
+from megatron_swift.checkpoint import layout
 from megatron_swift.args.sections import DPO_LOSS_TYPES, DTYPES, GRPO_LOSS_TYPES, KTO_LOSS_TYPES
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHARD_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-CHECKPOINT_MARKERS = ("latest_checkpointed_iteration.txt",)
 
 
-def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None) -> None:
+def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None,
+             caps: Optional[Capabilities] = None) -> None:
     """Validate ``args`` in place and fill its derived fields. Raises ArgumentError.
 
     ``env`` (launch environment) only matters inside torchrun workers: checks that other ranks'
     work could invalidate (an export output_dir that rank 0 already created) run on rank 0 only.
+    ``caps`` (what this machine can run) is detected from ``env`` unless given (tests play a GPU host).
     """
     training = args.command in ("pt", "sft", "rlhf")
+    caps = caps or Capabilities.detect(env)
     if training:
         _check_training_flags(args)
     else:
         _check_export_flags(args)
     _check_parallel_flags(args)
+    check_support(args, caps)
+    _resolve_timeout(args)
     _resolve_model(args)
     _resolve_dtype(args)
     _check_world(args, world_size)
-    _check_context_parallel_backend(args)
+    _check_context_parallel_backend(args, caps)
     _check_model_shape(args)
     if training:
-        _check_moe_layout(args)
-    if training:
+        from megatron_swift.data.checks import check_dataset_args  # stdlib only, like this module
+
+        check_dataset_args(args)
+        _check_moe_layout(args, caps)
+        _check_model_overrides(args)
+        _check_extra_megatron_kwargs(args)
         _check_training_paths(args)
         _resolve_training_defaults(args)
+        _check_save_dir(args)
     if args.command == "rlhf":
         _check_rlhf(args)
     if args.command == "export":
@@ -78,54 +88,62 @@ def _model_label(args) -> str:
     return f"model '{args.model}'" if args.model else "the model"
 
 
-def _has_checkpoint(path: str) -> bool:
-    if any(os.path.isfile(os.path.join(path, m)) for m in CHECKPOINT_MARKERS):
-        return True
+def _legacy_checkpoint(path: str) -> Optional[str]:
+    """The iteration dir of a Megatron-LM legacy (per-rank ``mp_rank_XX/model_optim_rng.pt``)
+    checkpoint in ``path``, or None."""
     try:
-        entries = os.listdir(path)
+        entries = [e for e in os.listdir(path) if e.startswith("iter_") or e == layout.RELEASE]
     except OSError:
-        return False
-    return any((e.startswith("iter_") or e == "release") and os.path.isdir(os.path.join(path, e)) for e in entries)
+        return None
+    for entry in entries:
+        sub = os.path.join(path, entry)
+        if os.path.isdir(sub) and any(e.startswith("mp_rank_") for e in os.listdir(sub)):
+            return sub
+    return None
 
 
-def _check_checkpoint_dir(name: str, path: str, require_checkpoint: bool) -> None:
-    if not os.path.isdir(os.path.expanduser(path)):
+def _check_checkpoint_dir(name: str, path: str, require_checkpoint: bool, detect_legacy: bool = True) -> None:
+    """``path`` exists and (when required) resolves to a complete checkpoint: the rule of
+    ``megatron_swift.checkpoint.layout.resolve``, the same the trainer and the converters use."""
+    full = os.path.expanduser(path)
+    if not os.path.isdir(full):
+        if not require_checkpoint:
+            return  # --exit_on_missing_checkpoint false: nothing to resume yet, start fresh
         raise ArgumentError(f"argument --{name}: directory '{path}' does not exist")
-    path = os.path.expanduser(path)
-    if require_checkpoint and not _has_checkpoint(path):
+    legacy = _legacy_checkpoint(full) if detect_legacy else None
+    if legacy:
+        raise ArgumentError(f"argument --{name}: {legacy} is a legacy per-rank torch checkpoint (mp_rank_*); "
+                            f"megatron-swift reads torch_dist checkpoints (convert it with Megatron-LM's "
+                            f"checkpoint converter, or start from the Hugging Face model)")
+    try:
+        ref = layout.resolve(full)
+    except layout.CheckpointError as exc:
+        raise ArgumentError(f"argument --{name}: {exc}") from None
+    if ref is None and require_checkpoint:
+        partial = [e for e in os.listdir(full) if e.endswith(".tmp")]
+        why = f"only the unfinished save(s) {', '.join(sorted(partial))}" if partial else \
+            f"no {layout.TRACKER} and no complete iter_* directory"
         hint = ""
-        if os.path.basename(os.path.normpath(path)).startswith("iter_"):
-            hint = f"; point --{name} at its parent directory"
-        raise ArgumentError(f"argument --{name}: '{path}' holds no mcore checkpoint "
-                            f"(no latest_checkpointed_iteration.txt or iter_* directory){hint}")
+        if os.path.basename(os.path.normpath(full)).startswith("iter_"):
+            hint = f"; point --{name} at its parent directory (it is an unfinished iteration directory)"
+        raise ArgumentError(f"argument --{name}: '{path}' holds no complete mcore checkpoint ({why}){hint}")
 
 
 def _model_from_args_json(path: Optional[str]) -> Optional[str]:
     """ms-swift's load_args: the ``model`` recorded in ``<checkpoint>/args.json``."""
-    if not path:
-        return None
-    file = os.path.join(os.path.expanduser(path), "args.json")
-    if not os.path.isfile(file):
-        return None
-    try:
-        with open(file, encoding="utf-8") as fh:
-            model = json.load(fh).get("model")
-    except (OSError, ValueError, AttributeError):
-        return None
+    model = layout.read_args_json(path).get("model") if path else None
     return model if isinstance(model, str) and model else None
 
 
 # ----------------------------------------------------------------------------------- flag checks
 
 def _check_training_flags(args) -> None:
-    if args.train_iters is not None and args.max_epochs is not None:
-        raise ArgumentError("arguments --train_iters and --max_epochs (num_train_epochs) are both given; "
-                            "give only one")
     if args.train_iters is None and args.max_epochs is None:
         raise ArgumentError("argument --train_iters or --max_epochs (num_train_epochs) is required")
     if args.streaming and args.train_iters is None:
         raise ArgumentError("argument --train_iters is required with --streaming true (a streamed dataset has no "
-                            "length, so --max_epochs cannot give the number of iterations)")
+                            "length, so --max_epochs cannot give the number of iterations; with both, training "
+                            "stops at whichever comes first)")
     if args.lr_warmup_iters and args.lr_warmup_fraction is not None:
         raise ArgumentError(f"arguments --lr_warmup_iters ({args.lr_warmup_iters}) and --lr_warmup_fraction "
                             f"({args.lr_warmup_fraction}) are both given; give only one")
@@ -147,23 +165,10 @@ def _check_training_flags(args) -> None:
     if args.interleave_prob is not None and len(args.interleave_prob) != len(args.dataset):
         raise ArgumentError(f"argument --interleave_prob: {len(args.interleave_prob)} probabilities for "
                             f"{len(args.dataset)} datasets")
-    if args.train_type == "lora" and not (args.target_modules or args.target_regex):
-        raise ArgumentError("argument --target_modules: LoRA needs target modules (e.g. all-linear)")
     if args.train_type != "lora":
         for name in ("adapter_load", "adapters"):
             if getattr(args, name):
                 raise ArgumentError(f"argument --{name} needs --train_type lora")
-    # Accepted names whose feature is not built yet: refuse them rather than train something else.
-    not_built = {
-        "train_type": (args.train_type == "lora", "LoRA training on mcore is not built yet; use --train_type full"),
-        "save_safetensors": (args.save_safetensors, "saving HF safetensors during training is not built yet; "
-                             "convert the checkpoint with `megatron export --to_hf true`"),
-        "optimizer_cpu_offload": (args.optimizer_cpu_offload, "optimizer CPU offload is not built yet"),
-        "tp_comm_overlap": (args.tp_comm_overlap, "TP communication overlap (Transformer Engine) is not built yet"),
-    }
-    for name, (given, why) in not_built.items():
-        if given and args.command in ("pt", "sft"):
-            raise ArgumentError(f"argument --{name}: {why}")
     if args.command == "rlhf" and args.generation_batch_size is not None and args.steps_per_generation is not None:
         raise ArgumentError("arguments --generation_batch_size and --steps_per_generation are both given; "
                             "give only one")
@@ -191,8 +196,8 @@ def _check_parallel_flags(args) -> None:
                 raise ArgumentError(f"argument --{name} needs --pipeline_model_parallel_size > 1")
 
 
-def _check_context_parallel_backend(args) -> None:
-    if args.context_parallel_size > 1 and importlib.util.find_spec("transformer_engine") is None:
+def _check_context_parallel_backend(args, caps: Capabilities) -> None:
+    if args.context_parallel_size > 1 and not caps.transformer_engine:
         # megatron-core's local DotProductAttention (and our THD kernel built on it) has no
         # context-parallel attention; CP needs Transformer Engine's (GPU only).
         raise ArgumentError("argument --context_parallel_size > 1 needs Transformer Engine's attention "
@@ -200,12 +205,12 @@ def _check_context_parallel_backend(args) -> None:
                             "attention has no context parallelism")
 
 
-def _check_moe_layout(args) -> None:
+def _check_moe_layout(args, caps: Capabilities) -> None:
     """MoE settings that cannot run with this layout or batch format (caught here, not in a worker)."""
     if _num_experts(args) is None:
         return
     dispatcher = args.moe_token_dispatcher_type
-    if dispatcher == "flex" and importlib.util.find_spec("deep_ep") is None:
+    if dispatcher == "flex" and not caps.deep_ep:
         raise ArgumentError("argument --moe_token_dispatcher_type flex needs DeepEP's GPU kernels (deep_ep is not "
                             "installed); use alltoall")
     tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
@@ -231,6 +236,80 @@ def _check_moe_layout(args) -> None:
         raise ArgumentError(f"argument --moe_aux_loss_coeff {args.moe_aux_loss_coeff}: sinkhorn routing has no "
                             f"auxiliary loss; leave --moe_aux_loss_coeff unset (or 0) with "
                             f"--moe_router_load_balancing_type sinkhorn")
+
+
+def _resolve_timeout(args) -> None:
+    """--distributed_timeout_minutes and --ddp_timeout set the same process-group timeout."""
+    minutes = getattr(args, "distributed_timeout_minutes", None)
+    if minutes is None:
+        return
+    if "ddp_timeout" in args.explicit_args and args.ddp_timeout != minutes * 60:
+        raise ArgumentError(f"arguments --distributed_timeout_minutes {minutes} and --ddp_timeout {args.ddp_timeout} "
+                            f"(seconds) set the same timeout differently; give one of them")
+    args.ddp_timeout = minutes * 60
+
+
+# model shape overrides -> the config.json keys they contradict when weights of that shape are loaded
+_SHAPE_KEYS = {
+    "num_layers": ("num_hidden_layers",),
+    "hidden_size": ("hidden_size",),
+    "ffn_hidden_size": ("intermediate_size",),
+    "num_attention_heads": ("num_attention_heads",),
+    "num_query_groups": ("num_key_value_heads",),
+    "kv_channels": ("head_dim",),
+}
+
+
+def _has_weights(args) -> bool:
+    if args.load:
+        return True
+    return bool(args.model_dir) and any(name.endswith(".safetensors") for name in os.listdir(args.model_dir))
+
+
+def _check_model_overrides(args) -> None:
+    """Shape overrides reshape the model: fine for a model trained from scratch, a contradiction when
+    weights of another shape are loaded (named here rather than as a shape error in a worker)."""
+    cfg = _text_config(args.hf_config)
+    weights = args.hf_config is not None and _has_weights(args)
+    for name, keys in _SHAPE_KEYS.items():
+        value = getattr(args, name, None)
+        saved = _first(cfg, *keys)
+        if value is not None and weights and saved is not None and saved != value:
+            raise ArgumentError(f"argument --{name} {value}: the weights being loaded have {keys[0]} = {saved} "
+                                f"(config.json); shape overrides apply to models trained from scratch")
+    if args.normalization == "LayerNorm":
+        raise ArgumentError("argument --normalization LayerNorm: the supported model families use RMSNorm")
+    heads = args.num_attention_heads or _first(cfg, "num_attention_heads")
+    groups = args.num_query_groups or _first(cfg, "num_key_value_heads") or heads
+    if args.group_query_attention is not None and heads is not None and groups is not None:
+        if args.group_query_attention != (groups < heads):
+            raise ArgumentError(f"argument --group_query_attention {str(args.group_query_attention).lower()}: the "
+                                f"model has {groups} KV heads for {heads} attention heads")
+    if args.no_initialization and "no_initialization" in args.explicit_args and args.hf_config is not None \
+            and not _has_weights(args):
+        raise ArgumentError(f"argument --no_initialization true: {args.model} has no weights (no *.safetensors and "
+                            f"no --load), so the model would train uninitialised; leave it unset to initialise it")
+
+
+def _check_extra_megatron_kwargs(args) -> None:
+    extra = args.extra_megatron_kwargs
+    if not extra:
+        return
+    # The only place argument checking imports megatron-core: TransformerConfig's field names.
+    import dataclasses
+    import difflib
+
+    from megatron.core.transformer import TransformerConfig
+
+    known = [f.name for f in dataclasses.fields(TransformerConfig)]
+    unknown = sorted(set(extra) - set(known))
+    if unknown:
+        hints = []
+        for name in unknown:
+            near = difflib.get_close_matches(name, known, n=2)
+            hints.append(f"{name} (did you mean {' or '.join(near)}?)" if near else name)
+        raise ArgumentError(f"argument --extra_megatron_kwargs (--megatron_extra_kwargs): not TransformerConfig "
+                            f"fields: {', '.join(hints)}")
 
 
 # ------------------------------------------------------------------------------ model / HF config
@@ -259,6 +338,11 @@ def _resolve_model(args) -> None:
             raise ArgumentError(f"argument --model: '{cfg_file}' is not a JSON object")
         args.hf_config = cfg
         args.model_dir = os.path.abspath(path)
+        _check_safetensors_files(args.model_dir)
+        declared = cfg.get("model_type")
+        if args.model_type and declared and args.model_type != declared:
+            raise ArgumentError(f"argument --model_type {args.model_type}: {args.model} is a {declared!r} model "
+                                f"(config.json); the family comes from config.json, leave --model_type unset")
         return
     if os.path.exists(path):
         raise ArgumentError(f"argument --model: '{args.model}' is a file, not a model directory")
@@ -419,21 +503,11 @@ def _check_world(args, world_size: int) -> None:
 
 # ------------------------------------------------------------------------------------- training
 
-def _saved_args(path: str) -> dict:
-    """``<checkpoint dir>/args.json`` of the run that wrote it ({} if absent or unreadable)."""
-    try:
-        with open(os.path.join(os.path.expanduser(path), "args.json"), encoding="utf-8") as fh:
-            data = json.load(fh)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _check_resume_optimizer(args) -> None:
     """The distributed and the plain optimizer store their state differently: a resume cannot switch."""
     if args.finetune or args.no_load_optim:
         return
-    saved = _saved_args(args.load).get("use_distributed_optimizer")
+    saved = layout.read_args_json(args.load).get("use_distributed_optimizer")
     if isinstance(saved, bool) and saved != args.use_distributed_optimizer:
         raise ArgumentError(
             f"argument --use_distributed_optimizer {str(args.use_distributed_optimizer).lower()}: the checkpoint in "
@@ -444,7 +518,7 @@ def _check_resume_optimizer(args) -> None:
 
 def _check_training_paths(args) -> None:
     if args.load is not None:
-        _check_checkpoint_dir("load", args.load, args.exit_on_missing_checkpoint)
+        _check_checkpoint_dir("load", args.load, args.exit_on_missing_checkpoint, args.auto_detect_ckpt_format)
         _check_resume_optimizer(args)
     if args.adapter_load is not None:
         _check_checkpoint_dir("adapter_load", args.adapter_load, args.exit_on_missing_checkpoint)
@@ -453,6 +527,68 @@ def _check_training_paths(args) -> None:
             _check_checkpoint_dir("ref_load", args.ref_load, args.exit_on_missing_checkpoint)
         if args.ref_adapter_load is not None:
             _check_checkpoint_dir("ref_adapter_load", args.ref_adapter_load, args.exit_on_missing_checkpoint)
+
+
+def _writable(path: str) -> Optional[str]:
+    """None when ``path`` (or the directory it would be created in) is writable, else why not."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        return f"{probe} is a file"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def _check_save_dir(args) -> None:
+    """A --save directory that already holds a run is resumed (--load pointing at it) or refused:
+    training into it from scratch would overwrite its checkpoints and append to its logging.jsonl."""
+    save = os.path.expanduser(args.save)
+    problem = _writable(save)
+    if problem:
+        raise ArgumentError(f"argument --save {args.save}: {problem}")
+    resuming = args.load is not None and os.path.abspath(os.path.expanduser(args.load)) == os.path.abspath(save)
+    if args.add_version and not resuming:
+        return  # a new v<N>-<timestamp> directory inside it
+    if resuming or args.overwrite_output_dir or not os.path.isdir(save):
+        return
+    try:
+        existing = layout.resolve(save)
+        what = f"the checkpoints of a run (latest: {os.path.basename(existing.directory)})" if existing else None
+    except layout.CheckpointError as exc:
+        what = f"checkpoints ({exc})"
+    if what:
+        raise ArgumentError(f"argument --save {args.save}: it already holds {what}; resume that run with --load "
+                            f"{args.save}, write elsewhere (another --save, or --add_version true), or start over "
+                            f"in it with --overwrite_output_dir true (deletes them)")
+
+
+def _check_safetensors_files(model_dir: str) -> None:
+    """Each *.safetensors of a local model has a readable header and the bytes it promises (a
+    truncated download is named here, not as a read error in every worker)."""
+    import struct
+
+    for name in sorted(os.listdir(model_dir)):
+        if not name.endswith(".safetensors"):
+            continue
+        path = os.path.join(model_dir, name)
+        size = os.path.getsize(path)
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                if length > size - 8:
+                    raise ValueError(f"its header says {length} bytes but the file has {size}")
+                header = json.loads(fh.read(length))
+        except (OSError, ValueError, struct.error) as exc:
+            raise ArgumentError(f"argument --model: {path} is not a readable safetensors file ({exc})") from None
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+        if ends and 8 + length + max(ends) > size:
+            raise ArgumentError(f"argument --model: {path} is truncated ({size} bytes, its tensors need "
+                                f"{8 + length + max(ends)}); download it again")
 
 
 def _model_basename(model: str) -> str:

@@ -101,18 +101,62 @@ def record_exit_code(code: int, env: Optional[Mapping[str, str]] = None, wait_s:
         time.sleep(0.05)
 
 
+FORWARDED_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+def _forward_to_workers(proc: subprocess.Popen):
+    """A scheduler's SIGTERM / SIGUSR1 (preemption, ``srun --signal``) reaches the launcher; the
+    workers get it (``--exit_signal_handler``: they finish the step, save and exit 0), torchrun itself
+    does not (it would tear the workers down)."""
+    def handler(signum, frame):
+        try:
+            import psutil
+
+            # torchrun's own children are the workers (their helpers, e.g. checkpoint writers, are not)
+            workers = psutil.Process(proc.pid).children(recursive=False)
+        except Exception:  # psutil missing or torchrun gone: fall back to signalling torchrun
+            workers = []
+        for worker in workers:
+            try:
+                worker.send_signal(signum)
+            except Exception:
+                pass
+        if not workers:
+            proc.send_signal(signum)
+
+    return handler
+
+
 def relaunch(command: str, argv: List[str], env: Optional[Mapping[str, str]] = None) -> int:
     """Run ``megatron <command> <argv>`` under torchrun and return its (worker's) exit code."""
+    import signal
+
     env = dict(os.environ if env is None else env)
     cmd = build_torchrun_command(command, argv, env)
     with tempfile.TemporaryDirectory(prefix="megatron-swift-rc-") as directory:
         env[EXIT_CODE_DIR_ENV] = directory
+        proc = subprocess.Popen(cmd, env=env)
+        previous = {}
+        for name in FORWARDED_SIGNALS:
+            sig = getattr(signal, name)
+            previous[sig] = signal.signal(sig, _forward_to_workers(proc))
         try:
-            rc = subprocess.call(cmd, env=env)
+            rc = proc.wait()
         except KeyboardInterrupt:
+            proc.wait()
             return 130
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         if rc != 0:
             worker_rc = read_worker_exit_code(directory)
             if worker_rc is not None:
                 return worker_rc
+            if _all_workers_succeeded(directory, nproc_per_node(env)):
+                return 0  # torchrun itself was signalled (a scheduler's SIGTERM) after the workers saved
     return rc
+
+
+def _all_workers_succeeded(directory: str, nproc: int) -> bool:
+    codes = [n for n in os.listdir(directory) if n.startswith("local_rank_")]
+    return len(codes) == nproc and read_worker_exit_code(directory) is None

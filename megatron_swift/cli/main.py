@@ -75,9 +75,12 @@ def run(argv: List[str]) -> int:
     env = os.environ
     try:
         args = parse_args(command, rest, env=env)
+        from megatron_swift.plugin import prepare_run_environment
+
+        prepare_run_environment(args)  # --model_kwargs env vars, user plugin files (here and in each worker)
         if relaunch_requested(env):
             return relaunch(command, rest, env)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:
         return _error(prog, str(exc))
     try:
         return dispatch(command, args)

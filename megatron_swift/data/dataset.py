@@ -224,6 +224,7 @@ class DataOptions:
     model_author: Optional[List[str]] = None
     use_hf: bool = False
     hub_token: Optional[str] = None
+    download_mode: str = "reuse_dataset_if_exists"
 
     @classmethod
     def from_args(cls, args, **overrides) -> "DataOptions":
@@ -263,6 +264,7 @@ def load_datasets(opts: DataOptions, *, require_response: bool = True, cache_dir
         what = "training" if flag == "--dataset" else "validation"
         spec: DatasetSpec = parse_dataset_spec(text, flag)
         raw = read_raw(spec, streaming=opts.streaming, use_hf=opts.use_hf, hub_token=opts.hub_token,
+                       force_download=opts.download_mode == "force_redownload",
                        cache_dir=cache_dir, load_from_cache_file=opts.load_from_cache_file)
         ds = normalize_dataset(raw, spec.text, columns=opts.columns, model_name=opts.model_name,
                                model_author=opts.model_author, require_response=require_response,

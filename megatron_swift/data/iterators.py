@@ -16,7 +16,7 @@ samples). Streaming datasets are read sequentially by every rank, which keeps it
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Iterator, List, Optional
 
 import numpy as np
 
@@ -84,8 +84,11 @@ def micro_batches(dataset, collator: Callable, micro_batch_size: int, dp_rank: i
 
 
 def streaming_micro_batches(dataset, collator: Callable, micro_batch_size: int, dp_rank: int = 0,
-                            dp_size: int = 1, *, cyclic: bool = True, consumed_samples: int = 0) -> Iterator[dict]:
-    """Micro batches of an IterableDataset: every rank reads the stream, keeps its slices."""
+                            dp_size: int = 1, *, cyclic: bool = True, consumed_samples: int = 0,
+                            max_epochs: Optional[int] = None) -> Iterator[dict]:
+    """Micro batches of an IterableDataset: every rank reads the stream, keeps its slices. An epoch
+    is one pass over the stream; with ``max_epochs`` the iterator ends after that many passes (the
+    samples of a last, incomplete step are dropped)."""
     step = micro_batch_size * dp_size
     skip = consumed_samples - consumed_samples % step
     epoch = 0
@@ -104,7 +107,7 @@ def streaming_micro_batches(dataset, collator: Callable, micro_batch_size: int, 
                 yield collator([{k: v for k, v in s.items() if k != "length"} for s in mine])
                 buf = []
         skip = max(0, skip - seen)
-        if seen == 0 or not cyclic:
+        if seen == 0 or not cyclic or (max_epochs is not None and epoch + 1 >= max_epochs):
             return
         epoch += 1
 

@@ -105,8 +105,10 @@ def offline_mode() -> dict:
     }
 
 
-def resolve_hub_dataset(spec: DatasetSpec, use_hf: bool = False, hub_token: Optional[str] = None) -> str:
-    """Local folder of a hub dataset (from the hub's cache, downloading when online)."""
+def resolve_hub_dataset(spec: DatasetSpec, use_hf: bool = False, hub_token: Optional[str] = None,
+                        force_download: bool = False) -> str:
+    """Local folder of a hub dataset (from the hub's cache, downloading when online; with
+    ``force_download`` (``--download_mode force_redownload``) fetched again even when cached)."""
     offline = offline_mode()
     if use_hf:
         hub, var, is_offline = "Hugging Face", "HF_HUB_OFFLINE=1", offline["hf"]
@@ -118,7 +120,8 @@ def resolve_hub_dataset(spec: DatasetSpec, use_hf: bool = False, hub_token: Opti
         if use_hf:
             from huggingface_hub import snapshot_download
 
-            return snapshot_download(spec.name, repo_type="dataset", local_files_only=is_offline, token=hub_token)
+            return snapshot_download(spec.name, repo_type="dataset", local_files_only=is_offline, token=hub_token,
+                                     force_download=force_download and not is_offline)
         from modelscope.hub.snapshot_download import dataset_snapshot_download
 
         if is_offline:  # the cache only: the legacy (< 1.38) layout, then the current one
@@ -129,6 +132,11 @@ def resolve_hub_dataset(spec: DatasetSpec, use_hf: bool = False, hub_token: Opti
             if legacy and os.path.isdir(legacy) and os.listdir(legacy):
                 return legacy
             return ms_download(spec.name, local_files_only=True, token=hub_token)
+        if force_download:  # modelscope has no force flag: a fresh cache directory of its own
+            import tempfile
+
+            return dataset_snapshot_download(spec.name, token=hub_token, cache_dir=tempfile.mkdtemp(
+                prefix="megatron-swift-redownload-", dir=os.environ.get("MODELSCOPE_CACHE")))
         return dataset_snapshot_download(spec.name, token=hub_token)
     except Exception as e:  # hub clients raise many types (offline, 404, connection)
         where = f"the {hub} cache ({cache})"
@@ -296,13 +304,14 @@ def _files_fingerprint(files: List[str], nonce: str = "") -> str:
 
 
 def read_raw(spec: DatasetSpec, *, streaming: bool = False, use_hf: bool = False, hub_token: Optional[str] = None,
+             force_download: bool = False,
              cache_dir: Optional[str] = None, load_from_cache_file: bool = True):
     """Raw rows of one ``--dataset`` entry as a ``datasets.Dataset`` (``IterableDataset`` when
     streaming)."""
     from datasets import Dataset, IterableDataset
 
     from_hub = not spec.is_local
-    root = spec.local_path if spec.is_local else resolve_hub_dataset(spec, use_hf, hub_token)
+    root = spec.local_path if spec.is_local else resolve_hub_dataset(spec, use_hf, hub_token, force_download)
     files = data_files(spec, root, from_hub=from_hub)
     if streaming:
         return IterableDataset.from_generator(_generate_raw_rows, features=raw_features(), gen_kwargs={"files": files})

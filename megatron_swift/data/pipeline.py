@@ -77,10 +77,11 @@ class PreparedData:
         return None if self.streaming else len(self.train)
 
     def train_iterator(self, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                       consumed_samples: int = 0) -> Iterator[dict]:
+                       consumed_samples: int = 0, max_epochs: Optional[int] = None) -> Iterator[dict]:
+        """Cyclic; a streamed dataset ends after ``max_epochs`` passes when given."""
         if self.streaming:
             return streaming_micro_batches(self.train, self.collator, micro_batch_size, dp_rank, dp_size,
-                                           consumed_samples=consumed_samples)
+                                           consumed_samples=consumed_samples, max_epochs=max_epochs)
         return micro_batches(self.train, self.collator, micro_batch_size, dp_rank, dp_size, shuffle=self.shuffle,
                              seed=self.seed, consumed_samples=consumed_samples)
 
@@ -125,12 +126,11 @@ def prepare_data(args, tokenizer, *, template=None, mode: Optional[str] = None, 
     if not opts.dataset:
         raise ValueError("--dataset is required")
     packing = bool(getattr(args, "packing", False))
+    packing_cache = getattr(args, "packing_cache", None)
     if packing and (opts.streaming or mode not in ("sft", "pt")):
         raise ValueError("--packing supports pt/sft without --streaming")
     if packing and template.max_length is None:
         raise ValueError("--packing needs --max_length (the pack size)")
-    if getattr(args, "lazy_tokenize", False):
-        logger.info("--lazy_tokenize: rows are tokenized before training (cached); the flag is ignored")
     with main_process_first() as first:
         if not first:
             opts = DataOptions.from_args(args, load_from_cache_file=True)
@@ -141,17 +141,13 @@ def prepare_data(args, tokenizer, *, template=None, mode: Optional[str] = None, 
         train = encode_dataset(loaded.train, template, name="train", **enc)
         val = encode_dataset(loaded.val, template, name="val", **enc)
         if packing:
-            cache = getattr(args, "packing_cache", None)
-            train = pack_dataset(train, template.max_length, cache, opts.load_from_cache_file)
+            train = pack_dataset(train, template.max_length, packing_cache, opts.load_from_cache_file)
             if val is not None:
-                val = pack_dataset(val, template.max_length, cache, opts.load_from_cache_file)
+                val = pack_dataset(val, template.max_length, packing_cache, opts.load_from_cache_file)
     if not opts.streaming and len(train) == 0:
         drops = "; ".join(s.summary() for s in stats if s.step == "encode" and s.name == "train")
         raise ValueError(f"no training samples left: {drops or 'every row was dropped (see the drop counts above)'}")
     collator = collator_from_args(args, template.pad_token_id, template.max_length, pipeline_fixed_shapes)
-    if getattr(args, "padding_side", "right") == "left" and not collator.padding_free:
-        logger.info("--padding_side left is not used for training: batches are right-padded (causal attention "
-                    "without a padding mask)")
     return PreparedData(train=train, val=val, template=template, collator=collator, mode=mode,
                         streaming=opts.streaming, shuffle=opts.dataset_shuffle, seed=opts.data_seed,
                         max_length=template.max_length, stats=stats)

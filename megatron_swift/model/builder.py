@@ -15,8 +15,10 @@ import logging
 from typing import Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from megatron_swift.platform import get_platform
+from megatron_swift.platform.mcore_compat import set_tensor_parallel_attributes
 
 from .config import GPTSettings, transformer_config_from_hf
 
@@ -76,7 +78,7 @@ def decoder_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional
 
     from .moe_router import TopKRouter
 
-    use_te = get_platform().has_transformer_engine
+    use_te = get_platform().has_transformer_engine and config.transformer_impl == "transformer_engine"
     spec = get_gpt_decoder_block_spec(
         config, use_transformer_engine=use_te, normalization=config.normalization,
         vp_stage=vp_stage, pp_rank=pp_rank,
@@ -101,17 +103,31 @@ def _apply_rope_parameters(model, hf_config, settings: GPTSettings) -> None:
     rope.inv_freq = inv_freq.to(rope.inv_freq.device, rope.inv_freq.dtype)
 
 
+class _AllocateOnMeta(TorchFunctionMode):
+    """Every tensor a meta build creates lands on the meta device, also where megatron or Transformer
+    Engine pass an explicit device (``torch.device("meta")``, entered with it, only fills in a missing
+    one, and TE / megatron's layers name cpu or cuda)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if kwargs.get("device") is not None:
+            kwargs = dict(kwargs, device=torch.device("meta"))
+        return func(*args, **kwargs)
+
+
 def build_model(hf_config, overrides: Optional[dict] = None, where: str = "config.json", meta: bool = False):
     """Builds this rank's model chunks: ``(list[GPTModel], TransformerConfig, GPTSettings)``.
 
     Needs ``megatron_swift.platform.init_parallel`` with the layout in ``overrides`` first. With
-    ``meta`` the parameters take no memory: names, shapes, TP attributes and ``sharded_state_dict``
-    work, values do not (the converters use this to plan reads and writes).
+    ``meta`` the parameters take no memory and nothing is initialised: names, shapes, TP attributes
+    and ``sharded_state_dict`` work, values do not (the converters use this to plan reads and writes).
     """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     overrides = dict(overrides or {})
+    if meta:
+        overrides["perform_initialization"] = False
     overrides.setdefault("tensor_model_parallel_size", ps.get_tensor_model_parallel_world_size())
     overrides.setdefault("pipeline_model_parallel_size", ps.get_pipeline_model_parallel_world_size())
     overrides.setdefault("expert_model_parallel_size", ps.get_expert_model_parallel_world_size())
@@ -124,7 +140,8 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp is not None else None
-        with torch.device("meta") if meta else contextlib.nullcontext():
+        with torch.device("meta") if meta else contextlib.nullcontext(), \
+                _AllocateOnMeta() if meta else contextlib.nullcontext():
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=decoder_block_spec(config, vp_stage=stage),
@@ -138,6 +155,7 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
                 parallel_output=True,
                 vp_stage=stage,
             )
+        set_tensor_parallel_attributes(model)  # megatron-core < 0.17 marks TP weights only when it inits them
         _apply_rope_parameters(model, hf_config, settings)
         chunks.append(model if meta else model.to(get_platform().device))
     return chunks, config, settings

@@ -74,6 +74,26 @@ def _rope(hf_config) -> tuple[float, Optional[dict]]:
     return theta, dict(params)
 
 
+def apply_rope_scaling(hf_config, rope_scaling: dict) -> None:
+    """``--rope_scaling``: replaces the config's rope scaling (transformers 5 ``rope_parameters``,
+    transformers 4 ``rope_scaling``), keeping its rope_theta; unsupported types are refused."""
+    scaling = dict(rope_scaling)
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if hasattr(hf_config, "rope_parameters") and getattr(hf_config, "rope_parameters", None) is not None:
+        params = dict(hf_config.rope_parameters)
+        if scaling.get("rope_type") != params.get("rope_type"):  # another type: drop the old type's fields
+            params = {"rope_theta": params.get("rope_theta", 10000.0)}
+        params.update(scaling)
+        hf_config.rope_parameters = params
+    else:
+        hf_config.rope_scaling = scaling
+    try:
+        _rope(hf_config)
+    except ValueError as exc:
+        raise ValueError(f"--rope_scaling {rope_scaling}: {exc}") from None
+
+
 def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     multiple = MAKE_VOCAB_SIZE_DIVISIBLE_BY * tensor_model_parallel_size
     return int(math.ceil(vocab_size / multiple) * multiple)
@@ -167,12 +187,8 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
-        # fusions follow the platform (adjusted later); megatron's own defaults are off
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        use_cpu_initialization=True,
+        # fusions the caller leaves out are filled in by the platform from what this machine has
+        transformer_impl="transformer_engine" if get_platform().has_transformer_engine else "local",
     )
     fields.update(_moe_fields(hf_config, family))
 
@@ -184,6 +200,10 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
     if unknown:
         raise ValueError(f"unknown Megatron model setting(s): {', '.join(unknown)}")
     fields.update(overrides)
+    if isinstance(fields.get("attention_backend"), str):
+        from megatron.core.transformer.enums import AttnBackend
+
+        fields["attention_backend"] = AttnBackend[fields["attention_backend"]]
     dtype = fields.get("params_dtype", torch.float32)
     fields.setdefault("bf16", dtype == torch.bfloat16)
     fields.setdefault("fp16", dtype == torch.float16)

@@ -54,20 +54,60 @@ class Platform:
             return False
         try:
             import transformer_engine.pytorch  # noqa: F401
-        except Exception:  # TE raises more than ImportError when its CUDA libs mismatch
+        except ImportError as exc:
+            if getattr(exc, "name", "") != "transformer_engine":  # installed but broken: say why, once
+                logger.warning("Transformer Engine is installed but does not import (%s: %s); using megatron's "
+                               "local layer spec without fused kernels", type(exc).__name__, exc)
+            return False
+        except Exception as exc:  # TE raises more than ImportError when its CUDA libraries mismatch
+            logger.warning("Transformer Engine is installed but does not import (%s: %s); using megatron's local "
+                           "layer spec without fused kernels", type(exc).__name__, exc)
             return False
         return True
 
-    def adjust_model_fields(self, fields: dict) -> list[str]:
-        """Replaces TransformerConfig settings this machine cannot run; returns what changed.
+    @cached_property
+    def has_apex_gradient_accumulation(self) -> bool:
+        """NVIDIA apex's fused_weight_gradient_mlp_cuda, which megatron's own linears (the output
+        layer too, whatever the layer spec) need for gradient-accumulation fusion."""
+        if not self.is_cuda:
+            return False
+        try:
+            import fused_weight_gradient_mlp_cuda  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
-        Called on the field dict before ``TransformerConfig`` is constructed (its validation
-        rejects fusions whose kernels are missing). On CPU: no fused kernels (TE/apex/triton);
-        batched p2p (``batch_isend_irecv``) over gloo delivered wrong activations to later
-        microbatches in the interleaved (virtual) pipeline schedule with tied embeddings
-        (measured: microbatches 3+ differed from a single process), unbatched p2p matches exactly.
+    def kernel_defaults(self, fields: dict) -> dict:
+        """Fusions this machine has, for the TransformerConfig fields the run left to it."""
+        te = self.has_transformer_engine
+        experts = fields.get("num_moe_experts") or 0
+        local_experts = experts // max(fields.get("expert_model_parallel_size", 1) or 1, 1)
+        return {
+            "masked_softmax_fusion": te,
+            "bias_dropout_fusion": self.is_cuda,  # megatron's jit-fused kernel
+            "bias_activation_fusion": self.is_cuda,
+            "apply_rope_fusion": te,
+            "gradient_accumulation_fusion": self.has_apex_gradient_accumulation,
+            "moe_grouped_gemm": te and local_experts > 1,
+        }
+
+    def adjust_model_fields(self, fields: dict) -> list[str]:
+        """Fills the fusions the run left to the machine (by capability) and replaces settings this
+        machine cannot run; returns one line per decision for the log.
+
+        Called on the field dict before ``TransformerConfig`` is constructed (its validation rejects
+        fusions whose kernels are missing). Explicit requests for missing kernels were refused before
+        workers started (``args/support.py``). On CPU, batched p2p (``batch_isend_irecv``) over gloo
+        delivered wrong activations to later microbatches in the interleaved (virtual) pipeline
+        schedule with tied embeddings (measured: microbatches 3+ differed from a single process);
+        unbatched p2p matches exactly.
         """
         changes = []
+        for name, available in self.kernel_defaults(fields).items():
+            if name not in fields:
+                fields[name] = available
+                if available:
+                    changes.append(f"{name} on (available here)")
         if self.is_cuda:
             return changes
 
@@ -79,12 +119,41 @@ class Platform:
         force("batch_p2p_comm", False, "batched p2p over gloo misroutes interleaved-pipeline messages")
         for flag in ("gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion",
                      "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm",
-                     "moe_permute_fusion", "moe_grouped_gemm", "cross_entropy_loss_fusion"):
+                     "moe_permute_fusion", "moe_grouped_gemm"):
             force(flag, False, "no fused kernels on CPU")
         return changes
 
 
 _PLATFORM: Optional[Platform] = None
+
+# megatron-core messages that describe its internals on every run (bucket member lists, config
+# dumps, the rerun state machine); shown with --logging_level DEBUG
+_CHATTY_LOGGERS = ("megatron.core",)
+_NOISY_WARNINGS = (
+    r"If you are using transformer_engine as the transformer implementation",  # wrong on the local spec
+    r"full scope is deprecated",
+    r"The \.grad attribute of a Tensor that is not a leaf Tensor",
+    r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+)
+
+
+class _DropInfoAsWarning(logging.Filter):
+    """megatron-core's rerun state machine warns when it starts in the (default) disabled mode."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("Rerun State Machine" in message or "RerunStateMachine initialized" in message)
+
+
+def quiet_megatron_logs(level: int) -> None:
+    """megatron-core's internal chatter goes to DEBUG; our own lines (one per layout decision) stay."""
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
+    if level > logging.DEBUG:
+        logging.getLogger("megatron.core.rerun_state_machine").addFilter(_DropInfoAsWarning())
+    if level > logging.DEBUG:
+        for pattern in _NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
 
 
 def get_platform() -> Platform:
@@ -115,23 +184,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int = 30) -> Platform:
+DEFAULT_TIMEOUT_SECONDS = 18000000  # ms-swift's --ddp_timeout default
+
+
+def init_distributed(timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS, backend: Optional[str] = None) -> Platform:
     """Creates the default process group (idempotent).
 
     Under torchrun the env vars (RANK, WORLD_SIZE, MASTER_ADDR/PORT) describe the job; a plain
     ``python`` process gets a private world of size 1 so megatron-core's collectives still work.
+    ``timeout_seconds`` bounds every collective (``--ddp_timeout``): rank 0 may preprocess a large
+    dataset or download a model while the others wait in a barrier. ``backend`` (``--distributed_backend``)
+    defaults to the platform's (nccl on GPU, gloo on CPU).
     """
     platform = get_platform()
     if dist.is_initialized():
         return platform
-    timeout = datetime.timedelta(minutes=timeout_minutes)
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    backend = backend or platform.backend
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
         if platform.is_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend=platform.backend, timeout=timeout)
+        dist.init_process_group(backend=backend, timeout=timeout)
     else:
         dist.init_process_group(
-            backend=platform.backend,
+            backend=backend,
             init_method=f"tcp://127.0.0.1:{_free_port()}",
             rank=0,
             world_size=1,
@@ -166,16 +242,16 @@ class ParallelLayout:
         return world_size // model_parallel
 
 
-def init_parallel(layout: ParallelLayout = ParallelLayout(), seed: int = 42) -> Platform:
+def init_parallel(layout: ParallelLayout = ParallelLayout(), seed: int = 42,
+                  timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS, backend: Optional[str] = None) -> Platform:
     """Default process group + megatron's model-parallel groups + seeded RNG tracker.
 
     Re-initialising with a different layout in the same process is allowed (tests do it): the
     old megatron groups are destroyed first.
     """
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    platform = init_distributed()
+    platform = init_distributed(timeout_seconds, backend)
     layout.data_parallel_size(dist.get_world_size())  # raises a clear error on a bad layout
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -186,6 +262,7 @@ def init_parallel(layout: ParallelLayout = ParallelLayout(), seed: int = 42) -> 
         context_parallel_size=layout.context_parallel_size,
         expert_model_parallel_size=layout.expert_model_parallel_size,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
+        distributed_timeout_minutes=max(1, timeout_seconds // 60),  # megatron's sub-groups: the same timeout
     )
     seed_everything(seed)
     return platform

@@ -1,9 +1,11 @@
 """Workarounds for megatron-core / torch behaviour, each gated on the versions it is needed for.
 
-Every workaround is one function here, registered with the megatron-core version range it was
-written against and the platforms it applies to. ``install(platform)`` applies the ones that fit the
-installed versions and returns their names (the platform logs them). Each has a test in
-tests/test_platform.py that reproduces the upstream behaviour without the workaround, so a
+Process-wide workarounds are registered in ``WORKAROUNDS`` with the megatron-core version range
+they were written against and the platforms they apply to; ``install(platform)`` applies the ones
+that fit the installed versions. Object-level ones (``set_tensor_parallel_attributes``, the two
+torch-Adam optimizer-load fixes) are functions the builder / checkpoint loader call, each gated on
+the version (and the optimizer class) inside. Each has a test that reproduces the upstream
+behaviour without the workaround (tests/test_platform.py, tests/test_checkpoint_resume.py), so a
 megatron-core bump shows at once which ones can go.
 """
 
@@ -54,6 +56,137 @@ def _alltoall_split_sizes_as_lists() -> None:
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def set_tensor_parallel_attributes(model) -> int:
+    """megatron-core's local layers (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
+    mark their weights ``tensor_model_parallel`` / ``partition_dim`` only inside the weight-init
+    functions, so with ``perform_initialization=False`` (``--no_initialization``, the default when
+    weights are loaded anyway; meta builds) the marks are missing: gradient clipping then counts each
+    TP shard as a duplicate held by TP rank 0 only (a wrong grad norm and clip at TP > 1). Sets the
+    marks those layers would have set; returns how many weights it marked. Needed by megatron-core
+    < 0.17 (the builder calls it for every model; a test reproduces the upstream behaviour)."""
+    if megatron_core_version() >= (0, 17, 0):
+        return 0
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+
+    marked = 0
+    for module in model.modules():
+        dim = 1 if isinstance(module, RowParallelLinear) else 0
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            marked += 1
+    return marked
+
+
+def _torch_adam_parts(optimizer) -> list:
+    """The (distributed) optimizers of a possibly chained megatron optimizer whose inner optimizer is
+    torch's Adam/AdamW (no apex / Transformer Engine FusedAdam): where the two load bugs below live."""
+    parts = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [p for p in parts if isinstance(getattr(p, "optimizer", None), (torch_adam_classes()))]
+
+
+def torch_adam_classes() -> tuple:
+    import torch
+
+    return torch.optim.Adam, torch.optim.AdamW
+
+
+def _needs_adam_load_fixes() -> bool:
+    return (0, 14, 0) <= megatron_core_version() < (0, 17, 0)
+
+
+def prepare_optimizer_load(optimizer) -> list:
+    """megatron-core 0.16, torch-Adam path: loading a ``fully_reshardable`` distributed-optimizer
+    state copies every key of the live Adam state, including the scalar ``step`` that the checkpoint
+    stores separately (and has already restored): ``KeyError: 'step'``. Each affected optimizer
+    instance (not the class) gets a ``_set_main_param_and_optimizer_states`` that hides ``step`` from
+    that copy. Returns the instances it patched."""
+    import types
+
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    if not _needs_adam_load_fixes():
+        return []
+    patched = []
+    for opt in _torch_adam_parts(optimizer):
+        if not isinstance(opt, DistributedOptimizer) or getattr(opt, "_step_tolerant", False):
+            continue
+        original = opt._set_main_param_and_optimizer_states  # bound
+
+        def set_states(self, model_param, tensors, _original=original):
+            if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                return _original(model_param, tensors)
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            step = state.pop("step", None)
+            try:
+                return _original(model_param, tensors)
+            finally:
+                if step is not None:
+                    state["step"] = step
+
+        opt._set_main_param_and_optimizer_states = types.MethodType(set_states, opt)
+        opt._step_tolerant = True
+        patched.append(opt)
+    return patched
+
+
+def finish_optimizer_load(optimizer) -> int:
+    """megatron-core 0.16, torch-Adam path: the loaded state puts ONE ``step`` tensor into every
+    parameter's state; torch's Adam increments each parameter's step in place, so a shared tensor
+    advances once per parameter per iteration and bias correction drifts after a resume. Gives each
+    parameter its own copy; returns how many it unshared."""
+    import torch
+
+    if not _needs_adam_load_fixes():
+        return 0
+    count = 0
+    for opt in _torch_adam_parts(optimizer):
+        for state in opt.optimizer.state.values():
+            if isinstance(state.get("step"), torch.Tensor):
+                state["step"] = state["step"].clone()
+                count += 1
+    return count
+
+
+def _die_with_parent() -> None:  # runs in the manager process (module level: spawn pickles it by name)
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def writer_queue_dies_with_trainer() -> bool:
+    """megatron-core's dist-checkpoint writer starts a ``multiprocessing`` Manager (spawned) for its
+    results queue on the first save and keeps it for the process's life; when the trainer is
+    SIGKILLed (preemption, OOM killer) the manager outlives it, holding memory and inherited pipes.
+    Starting that queue here, from a manager whose process asks Linux to kill it when its parent
+    dies, keeps megatron's code path and leaves nothing behind. Returns True when installed."""
+    import multiprocessing as mp
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "missing") is not None:
+        return False  # another megatron-core layout, or already started
+    from multiprocessing.managers import SyncManager
+
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(initializer=_die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
+    filesystem_async._megatron_swift_manager = manager
+    return True
 
 
 WORKAROUNDS: tuple[Workaround, ...] = (

@@ -28,6 +28,12 @@ class OptimizerSettings:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    # Transformer Engine's precision-aware Adam (GPU): dtypes of main grads / params / moments
+    use_precision_aware_optimizer: bool = False
+    main_grads_dtype: str = "fp32"
+    main_params_dtype: str = "fp32"
+    exp_avg_dtype: str = "fp32"
+    exp_avg_sq_dtype: str = "fp32"
 
 
 def _experts_reduced_as_expert_parallel(chunks: list) -> None:
@@ -55,7 +61,11 @@ def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
         overlap_grad_reduce=settings.overlap_grad_reduce,
         overlap_param_gather=settings.overlap_param_gather,
         use_distributed_optimizer=settings.use_distributed_optimizer,
-        check_for_nan_in_grad=True,
+        # Off: megatron checks each rank's local gradients before the all-reduce and raises on that rank
+        # alone (the others then wait in the collective until the timeout), reporting iteration -1.
+        # The loop checks the global loss and gradient norm instead (trainer/loop.py); fp16's loss
+        # scaler finds overflows itself.
+        check_for_nan_in_grad=False,
         bucket_size=None,
         average_in_collective=False,
     )
@@ -67,6 +77,19 @@ def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
         )
         for i, chunk in enumerate(chunks)
     ]
+
+
+_DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _precision_aware(settings: OptimizerSettings) -> dict:
+    if not settings.use_precision_aware_optimizer:
+        return {}
+    out = {"use_precision_aware_optimizer": True}
+    for name in ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+        value = getattr(settings, name)
+        out[name] = torch.uint8 if value == "fp8" else _DTYPE_NAMES[value]  # megatron spells fp8 moments uint8
+    return out
 
 
 def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings):
@@ -87,6 +110,7 @@ def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings):
         fp16=config.fp16,
         params_dtype=config.params_dtype,
         use_distributed_optimizer=settings.use_distributed_optimizer,
+        **_precision_aware(settings),
     )
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
     # The hooks megatron's schedules call: grad sync/scaling after the last microbatch, loss

@@ -1,6 +1,7 @@
 """``megatron pt`` / ``megatron sft``: from validated arguments to a finished, saved run.
 
-1. process groups + this rank's model chunks (HF config -> mcore), DDP, optimizer
+1. typed settings from the arguments (trainer/options.py), process groups, this rank's model chunks
+   (HF config -> mcore), DDP, optimizer
 2. weights: ``--load`` (mcore checkpoint; resume unless ``--finetune``), else the HF safetensors
    of ``--model`` converted in memory, else (a config-only dir) random init, said in the log
 3. data: datasets -> template -> batches for each step (this data-parallel rank's share)
@@ -10,7 +11,6 @@
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import time
@@ -19,36 +19,52 @@ import torch
 
 from megatron_swift.platform import init_parallel
 
-from . import options
-from .checkpoint import load_checkpoint, read_latest
+from .checkpoint import find_checkpoint, load_checkpoint
 from .loop import LoopSettings, train, write_args_json_once
 from .lr_schedule import ScheduleSettings, build_scheduler
 from .model_setup import apply_freezing, build_optimizer, wrap_ddp
+from .options import ModelSource, TrainingSettings, training_settings
 
 logger = logging.getLogger("megatron_swift")
 
 
-def _configure_logging() -> None:
+def _configure_logging(level_name: str | None) -> None:
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    level = getattr(logging, level_name) if level_name else (logging.INFO if rank == 0 else logging.WARNING)
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)
+    logging.getLogger("megatron_swift").setLevel(level)
+    from megatron_swift.platform import quiet_megatron_logs
+
+    quiet_megatron_logs(level)
 
 
-def hf_config_of(args):
+def hf_config_of(source: ModelSource, hf_config_dict: dict | None = None):
+    """The model's transformers config, with ``--rope_scaling`` applied."""
     from megatron_swift.model import load_hf_config
 
-    if args.model_dir:
-        return load_hf_config(args.model_dir, trust_remote_code=args.trust_remote_code)
-    from transformers import AutoConfig
+    if source.model_dir:
+        config = load_hf_config(source.model_dir, trust_remote_code=source.trust_remote_code)
+    else:
+        from transformers import AutoConfig
 
-    cfg = dict(args.hf_config)
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        cfg = dict(hf_config_dict)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    if source.model_type and source.model_type != config.model_type:
+        raise ValueError(f"--model_type {source.model_type}: {source.model} is a {config.model_type!r} model "
+                         f"(config.json); the family comes from config.json, leave --model_type unset")
+    if source.rope_scaling is not None:
+        from megatron_swift.model.config import apply_rope_scaling
+
+        apply_rope_scaling(config, source.rope_scaling)
+    return config
 
 
-def save_dir_of(args) -> str:
+def save_dir_of(settings: TrainingSettings) -> str:
     """``--save``, plus ``v<N>-<timestamp>`` when ``--add_version`` (rank 0 decides, all agree)."""
-    save = args.save
-    if not args.add_version or (args.load and os.path.abspath(args.load) == os.path.abspath(save)):
+    ckpt = settings.checkpoint
+    save = ckpt.save
+    if not ckpt.add_version or (ckpt.load and os.path.abspath(ckpt.load) == os.path.abspath(save)):
         return save
     name = [None]
     if torch.distributed.get_rank() == 0:
@@ -67,79 +83,99 @@ def _hf_weight_files(model_dir: str | None) -> list[str]:
 
 
 def run_training(args) -> int:
-    _configure_logging()
-    init_parallel(options.parallel_layout(args), seed=args.seed)
-    if not args.model_dir:  # a hub id: each node's first rank fetches it into the cache first
+    settings = training_settings(args)
+    _configure_logging(settings.logging.logging_level)
+    if settings.manual_gc:
+        import gc
+
+        gc.disable()  # collected by the loop every --manual_gc_interval steps
+        gc.collect()
+    init_parallel(settings.layout, seed=settings.seed, timeout_seconds=settings.timeout_seconds,
+                  backend=settings.distributed_backend)
+    source = settings.source
+    if not source.model_dir:  # a hub id: each node's first rank fetches it into the cache first
         from megatron_swift.data.pipeline import main_process_first
         from megatron_swift.model.hub import resolve_model_dir
 
         with main_process_first():
-            args.model_dir = resolve_model_dir(args.model, args.use_hf, args.hub_token, args.model_revision)
-    hf_config = hf_config_of(args)
+            source.model_dir = resolve_model_dir(source.model, source.use_hf, source.hub_token, source.model_revision)
+        args.model_dir = source.model_dir  # the data layer reads the tokenizer from there
+    hf_config = hf_config_of(source, args.hf_config)
 
     from megatron_swift.model import build_model
 
-    where = os.path.join(args.model_dir or str(args.model), "config.json")
-    chunks, config, settings = build_model(hf_config, options.model_overrides(args), where=where)
+    resume = bool(settings.checkpoint.load and find_checkpoint(settings.checkpoint.load) is not None)
+    has_weights = resume or bool(_hf_weight_files(source.model_dir))
+    overrides = dict(settings.model_overrides)
+    if not has_weights:
+        overrides["perform_initialization"] = True  # nothing to load: a random start
+    where = os.path.join(source.model_dir or str(source.model), "config.json")
+    chunks, config, gpt_settings = build_model(hf_config, overrides, where=where)
     if config.bf16 or config.fp16:
         # megatron's half-precision wrapper: logits leave the last stage in fp32, so the loss and
         # its reduction are computed in fp32 (the optimizer keeps fp32 main params)
         from megatron.core.transformer.module import Float16Module
 
         chunks = [Float16Module(config, chunk) for chunk in chunks]
-    frozen = apply_freezing(chunks, config.num_layers, args.freeze_parameters, args.freeze_parameters_regex,
-                            args.freeze_parameters_ratio, args.trainable_parameters, args.trainable_parameters_regex)
+    freeze = settings.freeze
+    frozen = apply_freezing(chunks, config.num_layers, freeze.freeze_parameters, freeze.freeze_parameters_regex,
+                            freeze.freeze_parameters_ratio, freeze.trainable_parameters,
+                            freeze.trainable_parameters_regex)
     if frozen:
         logger.info("froze %d parameter tensors on this rank", frozen)
-    opt_settings = options.optimizer_settings(args)
-    ddp_chunks = wrap_ddp(chunks, config, opt_settings)
-    optimizer = build_optimizer(ddp_chunks, config, opt_settings)
+    ddp_chunks = wrap_ddp(chunks, config, settings.optimizer)
+    optimizer = build_optimizer(ddp_chunks, config, settings.optimizer)
 
     from .data_feed import build_training_data
 
-    data = build_training_data(args)
-    if args.dataset_preview:  # a dry run: the samples are printed, nothing is trained
+    data = build_training_data(args, prefetch_steps=settings.prefetch_steps, max_epochs=settings.max_epochs)
+    if settings.dataset_preview:  # a dry run: the samples are printed, nothing is trained
         from megatron_swift.platform import destroy_parallel
 
         destroy_parallel()
         return 0
-    train_iters = args.train_iters or data.iters_for_epochs(args.max_epochs)
+    schedule_iters, stop_iters = _iterations(settings, data)
     scheduler = build_scheduler(optimizer, ScheduleSettings(
-        lr=args.lr, train_iters=train_iters, min_lr=args.min_lr, lr_decay_style=args.lr_decay_style,
-        lr_decay_iters=args.lr_decay_iters, lr_warmup_iters=args.lr_warmup_iters,
-        lr_warmup_fraction=args.lr_warmup_fraction, weight_decay=args.weight_decay))
+        lr=settings.optimizer.lr, train_iters=schedule_iters, min_lr=settings.optimizer.min_lr,
+        lr_decay_style=settings.lr_decay_style, lr_decay_iters=settings.lr_decay_iters,
+        lr_warmup_iters=settings.lr_warmup_iters, lr_warmup_fraction=settings.lr_warmup_fraction,
+        weight_decay=settings.optimizer.weight_decay))
 
+    ckpt = settings.checkpoint
     start = 0
-    if args.load and read_latest(args.load) is not None:
-        loaded = load_checkpoint(args.load, ddp_chunks, optimizer, scheduler, finetune=args.finetune,
-                                 load_optim=not args.no_load_optim, load_rng=not args.no_load_rng)
+    if resume:
+        loaded = load_checkpoint(ckpt.load, ddp_chunks, optimizer, scheduler, finetune=ckpt.finetune,
+                                 load_optim=ckpt.load_optim, load_rng=ckpt.load_rng)
         start = loaded.iteration
+        data.resume_from(start, loaded.data_state)
         if start:
             logger.info("loaded %s: resuming at iteration %d", loaded.directory, start)
         else:
             logger.info("loaded weights from %s", loaded.directory)
-    elif _hf_weight_files(args.model_dir):
+    elif has_weights:
         from megatron_swift.converters.api import load_hf_into_mcore
 
-        load_hf_into_mcore(ddp_chunks, args.model_dir, config, settings)
+        load_hf_into_mcore(ddp_chunks, source.model_dir, config, gpt_settings)
         optimizer.reload_model_params()
-        logger.info("loaded Hugging Face weights from %s", args.model_dir)
+        logger.info("loaded Hugging Face weights from %s", source.model_dir)
     else:
         logger.warning("%s has no *.safetensors and no --load was given: training from random init",
-                       args.model_dir or args.model)
+                       source.model_dir or source.model)
 
-    save_dir = save_dir_of(args)
+    save_dir = save_dir_of(settings)
+    if ckpt.overwrite and not resume:
+        _clear_previous_run(save_dir)
     write_args_json_once(args, save_dir, extra={"model_type": hf_config.model_type, "template": data.template_name,
-                                               "hf_config": hf_config.to_dict(), "model_dir": args.model_dir})
+                                               "hf_config": hf_config.to_dict(), "model_dir": source.model_dir})
     loop = LoopSettings(
-        train_iters=train_iters, micro_batch_size=data.rows_per_micro_batch, seq_length=data.seq_length,
-        log_interval=args.log_interval, save_dir=save_dir, save_interval=args.save_interval,
-        save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
-        tensorboard_dir=args.tensorboard_dir or os.path.join(save_dir, "runs"),
-        eval_interval=args.eval_interval, wandb_project=args.wandb_project, wandb_exp_name=args.wandb_exp_name,
+        train_iters=schedule_iters, stop_iteration=stop_iters, micro_batch_size=data.rows_per_micro_batch,
+        seq_length=data.seq_length, save_dir=save_dir, checkpoint=ckpt, logging=settings.logging,
+        eval_interval=settings.eval_interval, exit=settings.exit,
+        manual_gc_interval=settings.manual_gc_interval if settings.manual_gc else None, hf_export=_hf_export(settings, config, gpt_settings, hf_config, data) if ckpt.save_safetensors
+        else None,
     )
     state = train(ddp_chunks, optimizer, scheduler, data.batches_for_step, loop, start_iteration=start,
-                  eval_batches=data.eval_batches)
+                  eval_batches=data.eval_batches, data_cursor=data.cursor)
     if torch.distributed.get_rank() == 0:
         logger.info("done: %d iterations, final loss %.4f; checkpoint in %s", state.iteration,
                     state.losses[-1] if state.losses else float("nan"), save_dir)
@@ -147,3 +183,39 @@ def run_training(args) -> int:
 
     destroy_parallel()
     return 0
+
+
+def _clear_previous_run(save_dir: str) -> None:
+    """``--overwrite_output_dir``: the earlier run's checkpoints, tracker and logs go (rank 0)."""
+    import shutil
+
+    from megatron_swift.checkpoint import layout
+
+    if torch.distributed.get_rank() == 0 and os.path.isdir(save_dir):
+        for entry in os.listdir(save_dir):
+            path = os.path.join(save_dir, entry)
+            if entry.startswith("iter_") or entry in (layout.TRACKER, "logging.jsonl", "runs", "exit_reason.json"):
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        logger.info("--overwrite_output_dir: removed the previous run's checkpoints and logs from %s", save_dir)
+    torch.distributed.barrier()
+
+
+def _iterations(settings: TrainingSettings, data) -> tuple[int, int]:
+    """(iterations the LR schedule spans, iteration training stops at). ``--train_iters`` alone:
+    both; ``--max_epochs`` alone: the iterations of that many epochs; both: the schedule spans
+    train_iters and training stops at whichever comes first (a streamed dataset ends its last epoch
+    by itself: the data feed says so)."""
+    if settings.train_iters is None:
+        epochs = data.iters_for_epochs(settings.max_epochs)
+        return epochs, epochs
+    if settings.max_epochs is None or data.num_train_samples is None:
+        return settings.train_iters, settings.train_iters
+    return settings.train_iters, min(settings.train_iters, data.iters_for_epochs(settings.max_epochs))
+
+
+def _hf_export(settings: TrainingSettings, config, gpt_settings, hf_config, data):
+    """``--save_safetensors``: what writes the HF copy of a saved iteration (see checkpoint.py)."""
+    from .hf_copy import HFCopy
+
+    return HFCopy(config=config, gpt_settings=gpt_settings, hf_config=hf_config, source_dir=settings.source.model_dir,
+                  torch_dtype=settings.model_overrides.get("params_dtype"))

@@ -156,3 +156,34 @@ def router_losses(config, num_microbatches: int) -> dict:
     out = {name: float(entry["values"].sum()) / moe_layers / num_microbatches for name, entry in tracker.items()}
     clear_aux_losses_tracker()
     return out
+
+
+def params_norm(ddp_chunks: list) -> float:
+    """L2 norm of all model parameters, the same in every parallel layout (``--log_params_norm``):
+    each tensor counted once (tensor-parallel duplicates and the tied embedding's copy skipped),
+    dense parameters summed over TP x PP, expert parameters over expert-TP x EP x PP."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    from megatron_swift.model import unwrap
+    from megatron_swift.platform import get_platform
+
+    device = get_platform().device
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
+    expert_tp = ps.get_expert_tensor_parallel_group()
+    for chunk in ddp_chunks:
+        for param in unwrap(chunk).parameters():
+            is_expert = not getattr(param, "allreduce", True)
+            if not param_is_not_shared(param) or not param_is_not_tensor_parallel_duplicate(
+                    param, tp_group=expert_tp if is_expert else None):
+                continue
+            square = param.detach().double().pow(2).sum()
+            if is_expert:
+                expert += square
+            else:
+                dense += square
+    torch.distributed.all_reduce(dense, group=ps.get_model_parallel_group())
+    torch.distributed.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    return float((dense + expert).sqrt())

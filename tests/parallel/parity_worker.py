@@ -130,7 +130,9 @@ def main():
 
         ours.TopKRouter = TopKRouter
     hf = tiny_hf_config(args.family, num_hidden_layers=args.num_layers, tie_word_embeddings=args.tie)
-    chunks, config, settings = build_model(hf, dict(sequence_parallel=args.sp, calculate_per_token_loss=True))
+    # CPU initialisation: the same random weights at every layout (megatron's device init draws per shard)
+    chunks, config, settings = build_model(hf, dict(sequence_parallel=args.sp, calculate_per_token_loss=True,
+                                                    use_cpu_initialization=True))
     opt = OptimizerSettings(optimizer=args.optimizer, lr=1e-2, weight_decay=0.1, clip_grad=1.0,
                             use_distributed_optimizer=args.distributed_optimizer)
     ddp_chunks = wrap_ddp(chunks, config, opt)

@@ -58,7 +58,9 @@ def main():
                                  virtual_pipeline_model_parallel_size=args.vpp, expert_model_parallel_size=args.ep),
                   seed=3)
     hf = tiny_hf_config(args.family, num_hidden_layers=args.num_layers)
-    chunks, config, settings = build_model(hf, {"calculate_per_token_loss": True, "sequence_parallel": args.sp})
+    # CPU initialisation: the same random weights at every layout (megatron's device init draws per shard)
+    chunks, config, settings = build_model(hf, {"calculate_per_token_loss": True, "sequence_parallel": args.sp,
+                                                "use_cpu_initialization": True})
     if args.init_ckpt:  # before the optimizer exists, so its main params start from these weights
         from parity_worker import share_initial_weights
 
@@ -88,9 +90,7 @@ def main():
                 os.kill(os.getpid(), signal.SIGKILL)
             return out
 
-        import megatron_swift.trainer.loop as loop_module
-
-        loop_module.save_checkpoint = save_then_die
+        ckpt.save_checkpoint = save_then_die  # what the loop's Checkpointer calls
 
     if args.kill_during_save_iteration is not None:
         from megatron.core import dist_checkpointing

@@ -1,0 +1,285 @@
+"""Arguments that are accepted by name but not (or not everywhere) built: refused before workers start.
+
+Every rule names the argument, says why, and what to use instead. A value the rule does not refuse
+is used by the run (the settings builders in ``megatron_swift.trainer.options`` and
+``megatron_swift.export`` read it); ``tests/test_argument_usage.py`` checks that every argument is
+either read by a settings builder or covered by a rule here, so nothing is parsed and ignored.
+Stdlib only: runs in the launcher before torch is imported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+from megatron_swift.args.capabilities import Capabilities
+from megatron_swift.args.errors import ArgumentError
+
+LORA_FIELDS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_bias", "lora_dtype", "use_rslora", "target_modules",
+               "target_regex", "modules_to_save", "init_weights", "lorap_lr_ratio")
+AGENT_LOSS_SCALES = ("react", "hermes", "qwen", "agentflan", "alpha_umi")
+PRECISION_AWARE_DTYPES = ("main_grads_dtype", "main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype")
+POSITIVE_FUSIONS = ("masked_softmax_fusion", "bias_dropout_fusion", "bias_swiglu_fusion", "apply_rope_fusion")
+
+
+@dataclass(frozen=True)
+class Rule:
+    fields: Tuple[str, ...]
+    commands: Tuple[str, ...]
+    check: Callable  # (args, caps) -> Optional[str]: the refusal message, or None
+
+
+def _given(args, name: str) -> bool:
+    return name in (getattr(args, "explicit_args", None) or [])
+
+
+def _needs_gpu_kernel(what: str, caps: Capabilities, kernel: str = "Transformer Engine") -> str:
+    return f"{what} needs {kernel}'s GPU kernels ({caps.describe()})"
+
+
+TRAIN = ("pt", "sft", "rlhf")
+ALL = ("pt", "sft", "rlhf", "export")
+
+
+def _lora(args, caps):
+    if args.train_type == "lora":
+        return ("argument --train_type lora: LoRA training on Megatron-Core is not built yet; use --train_type "
+                "full (with --freeze_parameters / --trainable_parameters to train part of the model)")
+    given = [n for n in LORA_FIELDS + ("merge_lora", "adapters", "adapter_load") if _given(args, n)]
+    if given:
+        return f"argument --{given[0]}: applies to LoRA training (--train_type lora), which is not built yet"
+    return None
+
+
+def _dora(args, caps):
+    return "argument --use_dora: DoRA is not built; LoRA options are --lora_rank/--lora_alpha/..." \
+        if args.use_dora else None
+
+
+def _task(args, caps):
+    if args.task_type != "causal_lm":
+        return (f"argument --task_type {args.task_type}: only causal_lm is built (reward models come with "
+                f"`megatron rlhf --rlhf_type rm`)")
+    for name in ("num_labels", "problem_type"):
+        if _given(args, name):
+            return f"argument --{name}: applies to --task_type seq_cls only"
+    return None
+
+
+def _attn_impl(args, caps):
+    if _given(args, "attn_impl") and args.command != "export":
+        return ("argument --attn_impl: chooses the Hugging Face model's attention (used by `megatron export "
+                "--test_convert_precision`); Megatron's attention is chosen by --attention_backend")
+    if args.command == "export" and args.attn_impl == "flash_attn" and not caps.gpu:
+        return "argument --attn_impl flash_attn: flash-attention needs a GPU; use sdpa or eager"
+    return None
+
+
+def _multimodal(args, caps):
+    if _given(args, "max_pixels"):
+        return "argument --max_pixels: multimodal models are not supported (text-only LLMs)"
+    if _given(args, "local_repo_path"):
+        return "argument --local_repo_path: none of the supported model families needs code from another repository"
+    return None
+
+
+def _agent(args, caps):
+    if _given(args, "agent_template"):
+        return ("argument --agent_template: tool calls are rendered by the chat template itself (--template); "
+                "separate agent templates are not built")
+    if args.loss_scale in AGENT_LOSS_SCALES:
+        return (f"argument --loss_scale {args.loss_scale}: agent loss scales are not built; choose from default, "
+                f"last_round, all, ignore_empty_think")
+    return None
+
+
+def _data_loading(args, caps):
+    if args.lazy_tokenize:
+        return ("argument --lazy_tokenize true: rows are tokenized before training into the datasets cache "
+                "(several processes with --dataset_num_proc); tokenizing during training is not built")
+    if args.padding_side == "left":
+        return ("argument --padding_side left: training batches are right-padded (causal attention without a "
+                "padding mask) or padding-free; left padding is for generation")
+    if args.dataloader_type != "cyclic":
+        return (f"argument --dataloader_type {args.dataloader_type}: batches are read epoch after epoch (cyclic); "
+                f"the order comes from --dataset_shuffle / --data_seed")
+    if _given(args, "custom_dataset_info"):
+        return ("argument --custom_dataset_info: registering datasets by name is not built; give the file, folder or "
+                "hub id to --dataset (with --columns to rename columns)")
+    if not args.remove_unused_columns:
+        return ("argument --remove_unused_columns false: rows are normalised to the columns the template reads; "
+                "other columns are not kept")
+    if not args.no_create_attention_mask_in_dataloader:
+        return ("argument --no_create_attention_mask_in_dataloader false: batches carry no attention mask (causal "
+                "attention; padding-free batches mark sequence boundaries with cu_seqlens)")
+    return None
+
+
+def _optimizer_offload(args, caps):
+    if args.optimizer_cpu_offload:
+        return "argument --optimizer_cpu_offload: optimizer CPU offload is not built yet"
+    if _given(args, "optimizer_offload_fraction"):
+        return "argument --optimizer_offload_fraction: applies to --optimizer_cpu_offload, which is not built yet"
+    return None
+
+
+def _precision_aware(args, caps):
+    if args.use_precision_aware_optimizer:
+        if not caps.transformer_engine:
+            return _needs_gpu_kernel("argument --use_precision_aware_optimizer", caps) + " (its FusedAdam)"
+        if not args.use_distributed_optimizer:
+            return "argument --use_precision_aware_optimizer needs --use_distributed_optimizer true"
+        return None
+    given = [n for n in PRECISION_AWARE_DTYPES if _given(args, n)]
+    return f"argument --{given[0]}: applies to --use_precision_aware_optimizer true" if given else None
+
+
+def _recompute(args, caps):
+    if args.recompute_granularity != "full":
+        given = [n for n in ("recompute_method", "recompute_num_layers") if _given(args, n)]
+        if given:
+            return f"argument --{given[0]}: takes effect with --recompute_granularity full"
+    return None
+
+
+def _checkpoint_format(args, caps):
+    if args.ckpt_format != "torch_dist":
+        return (f"argument --ckpt_format {args.ckpt_format}: checkpoints are written with megatron-core's "
+                f"dist-checkpointing (torch_dist), which reloads at any parallel layout")
+    return None
+
+
+def _tp_comm_overlap(args, caps):
+    return ("argument --tp_comm_overlap: overlapping TP communication with GEMMs (Transformer Engine userbuffers) "
+            "is not built") if args.tp_comm_overlap else None
+
+
+def _kernels(args, caps):
+    if args.transformer_impl == "transformer_engine" and not caps.transformer_engine:
+        return _needs_gpu_kernel("argument --transformer_impl transformer_engine", caps) + "; use local"
+    if args.attention_backend in ("flash", "fused", "unfused") and not caps.transformer_engine:
+        return (_needs_gpu_kernel(f"argument --attention_backend {args.attention_backend}", caps)
+                + "; use auto or local")
+    if args.cross_entropy_loss_fusion and args.cross_entropy_fusion_impl == "te" and not caps.transformer_engine:
+        return _needs_gpu_kernel("argument --cross_entropy_fusion_impl te", caps) + "; use native"
+    for name in POSITIVE_FUSIONS:
+        value = getattr(args, name)
+        if value and getattr(args, f"no_{name.replace('apply_', '')}", False):
+            return f"arguments --{name} true and --no_{name.replace('apply_', '')} true contradict each other"
+        if value and not caps.fused_kernels:
+            return _needs_gpu_kernel(f"argument --{name} true", caps) + f"; leave it unset (used when available)"
+    if args.gradient_accumulation_fusion and args.no_gradient_accumulation_fusion:
+        return "arguments --gradient_accumulation_fusion true and --no_gradient_accumulation_fusion true contradict"
+    if args.gradient_accumulation_fusion and not (caps.apex_gradient_accumulation or caps.transformer_engine):
+        return (_needs_gpu_kernel("argument --gradient_accumulation_fusion true", caps, "NVIDIA apex or Transformer "
+                                  "Engine") + "; leave it unset (used when available)")
+    return None
+
+
+def _moe_kernels(args, caps):
+    if args.moe_grouped_gemm and not caps.transformer_engine:
+        return _needs_gpu_kernel("argument --moe_grouped_gemm true", caps) + "; leave it unset (used when available)"
+    if args.moe_permute_fusion and not caps.transformer_engine:
+        return _needs_gpu_kernel("argument --moe_permute_fusion", caps)
+    if args.moe_enable_deepep:
+        if not caps.deep_ep:
+            return f"argument --moe_enable_deepep needs DeepEP (deep_ep) on a GPU ({caps.describe()})"
+        if args.moe_token_dispatcher_type != "flex":
+            return "argument --moe_enable_deepep needs --moe_token_dispatcher_type flex"
+    if args.moe_shared_expert_overlap and not caps.gpu:
+        return ("argument --moe_shared_expert_overlap overlaps the shared expert with token dispatch on separate "
+                "CUDA streams; this machine has no GPU")
+    return None
+
+
+def _model_shape(args, caps):
+    if args.position_embedding_type != "rope":
+        return (f"argument --position_embedding_type {args.position_embedding_type}: the supported model families "
+                f"use rope")
+    if args.rotary_percent != 1.0:
+        return (f"argument --rotary_percent {args.rotary_percent}: the supported model families rotate whole heads "
+                f"(partial rotary is not built)")
+    if args.swiglu is False:
+        return "argument --swiglu false: the supported model families use SwiGLU MLPs"
+    if not args.disable_bias_linear:
+        return ("argument --disable_bias_linear false: the supported model families have no linear biases "
+                "(QKV biases follow config.json / --add_qkv_bias)")
+    return None
+
+
+def _report_to(args, caps):
+    targets = set(args.report_to or [])
+    if "none" in targets and len(targets) > 1:
+        return "argument --report_to: 'none' cannot be combined with other targets"
+    if "swanlab" in targets and not caps.swanlab:
+        return "argument --report_to swanlab needs the swanlab package (pip install swanlab)"
+    if ("wandb" in targets or args.wandb_project) and not caps.wandb:
+        return "argument --report_to wandb / --wandb_project needs the wandb package (pip install wandb)"
+    return None
+
+
+def _backend(args, caps):
+    if args.distributed_backend == "nccl" and not caps.gpu:
+        return "argument --distributed_backend nccl needs GPUs (this machine has none); use gloo"
+    return None
+
+
+def _export_only(args, caps):
+    if args.merge_lora or args.mcore_adapters:
+        name = "merge_lora" if args.merge_lora else "mcore_adapters"
+        return f"argument --{name}: LoRA adapters are not built yet (export converts full checkpoints)"
+    if not args.safe_serialization:
+        return "argument --safe_serialization false: HF weights are written as safetensors (.bin is not supported)"
+    if args.push_to_hub:
+        return ("argument --push_to_hub: uploading is not built; upload the output directory with "
+                "`huggingface-cli upload` or `modelscope upload`")
+    given = [n for n in ("hub_model_id", "hub_private_repo", "commit_message") if _given(args, n)]
+    if given:
+        return f"argument --{given[0]}: applies to --push_to_hub, which is not built"
+    if args.sequence_parallel:
+        return "argument --sequence_parallel: conversion does not depend on sequence parallelism; leave it unset"
+    if _given(args, "rope_scaling"):
+        return ("argument --rope_scaling: conversion keeps config.json's rope settings; give --rope_scaling to "
+                "`megatron sft/pt` instead")
+    return None
+
+
+RULES = (
+    Rule(("train_type", "merge_lora", "adapters", "adapter_load") + LORA_FIELDS, TRAIN, _lora),
+    Rule(("recompute_method", "recompute_num_layers"), TRAIN, _recompute),
+    Rule(("use_dora",), TRAIN, _dora),
+    Rule(("task_type", "num_labels", "problem_type"), ALL, _task),
+    Rule(("attn_impl",), ALL, _attn_impl),
+    Rule(("max_pixels", "local_repo_path"), TRAIN, _multimodal),
+    Rule(("local_repo_path",), ("export",), lambda a, c: _multimodal(a, c) if _given(a, "local_repo_path") else None),
+    Rule(("agent_template", "loss_scale"), TRAIN, _agent),
+    Rule(("lazy_tokenize", "padding_side", "dataloader_type", "no_create_attention_mask_in_dataloader",
+          "custom_dataset_info", "remove_unused_columns"), TRAIN, _data_loading),
+    Rule(("optimizer_cpu_offload", "optimizer_offload_fraction"), TRAIN, _optimizer_offload),
+    Rule(("use_precision_aware_optimizer",) + PRECISION_AWARE_DTYPES, TRAIN, _precision_aware),
+    Rule(("ckpt_format",), TRAIN, _checkpoint_format),
+    Rule(("tp_comm_overlap",), TRAIN, _tp_comm_overlap),
+    Rule(("transformer_impl", "attention_backend", "cross_entropy_fusion_impl", "gradient_accumulation_fusion")
+         + POSITIVE_FUSIONS, TRAIN, _kernels),
+    Rule(("moe_grouped_gemm", "moe_permute_fusion", "moe_enable_deepep", "moe_shared_expert_overlap"), TRAIN,
+         _moe_kernels),
+    Rule(("position_embedding_type", "rotary_percent", "swiglu", "disable_bias_linear"), TRAIN, _model_shape),
+    Rule(("report_to",), TRAIN, _report_to),
+    Rule(("distributed_backend",), ALL, _backend),
+    Rule(("merge_lora", "mcore_adapters", "safe_serialization", "push_to_hub", "hub_model_id", "hub_private_repo",
+          "commit_message", "sequence_parallel", "rope_scaling"), ("export",), _export_only),
+)
+
+
+def covered_fields(command: str) -> set:
+    """Arguments whose every value is either refused by a rule or used (for the usage test)."""
+    return {name for rule in RULES if command in rule.commands for name in rule.fields}
+
+
+def check_support(args, caps: Optional[Capabilities] = None) -> None:
+    """Raises ArgumentError for the first accepted-but-not-built argument of ``args``."""
+    caps = caps or Capabilities.detect()
+    for rule in RULES:
+        if args.command in rule.commands:
+            message = rule.check(args, caps)
+            if message:
+                raise ArgumentError(message)

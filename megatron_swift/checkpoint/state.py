@@ -1,0 +1,71 @@
+"""The model and RNG parts of a checkpoint's (sharded) state dict, for training and conversion alike.
+
+The model part is Megatron-LM's structure, ``model`` (or ``model0``, ``model1``... with virtual
+pipeline stages) of each chunk's ``sharded_state_dict``, so a checkpoint written by ``megatron export
+--to_mcore`` and one written by training load into each other, at any parallel layout (megatron's
+resharding).
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+
+def _unwrap(chunk):
+    from megatron_swift.model import unwrap
+
+    return unwrap(chunk)
+
+
+def model_keys(num_chunks: int) -> list:
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    return {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_keys(len(chunks)), chunks)}
+
+
+def load_model_state(chunks: list, loaded: dict) -> None:
+    """Puts the model part of a loaded state dict into the chunks (strict: every tensor)."""
+    for key, chunk in zip(model_keys(len(chunks)), chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+
+
+def rng_sharded_object(for_loading: bool):
+    """This rank's RNG state as a ShardedObject (one per TP x PP position, replicated over DP)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = None if for_loading else {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": get_cuda_rng_tracker().get_states(),
+    }
+    pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    pp_size, tp_size = ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    return ShardedObject("rng_state", state, (pp_size, tp_size), (pp, tp),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def restore_rng(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def rng_layout() -> list:
+    """RNG streams are per TP x PP position: they only restore at the same TP x PP."""
+    from megatron.core import parallel_state as ps
+
+    return [ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()]
