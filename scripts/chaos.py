@@ -83,7 +83,9 @@ def final_tensors(save: str) -> dict:
     from megatron.core.dist_checkpointing.serialization import load_plain_tensors
 
     from megatron_swift.checkpoint import layout
+    from megatron_swift.platform import init_distributed
 
+    init_distributed()  # dist-checkpointing reads through a (here: one-process) group
     return load_plain_tensors(layout.resolve(save).directory)
 
 

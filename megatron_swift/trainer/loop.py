@@ -229,7 +229,7 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
                 break
         if eval_batches and not exit_reason and evaluated_at != state.iteration and state.iteration > start_iteration:
             run_eval()  # training ends evaluated and saved
-        if settings.save_dir and saved_at != state.iteration:
+        if settings.save_dir and saved_at != state.iteration and state.iteration > start_iteration:
             metrics.timing("save_seconds", checkpointer.save(state.iteration, cursor()), state.iteration)
         checkpointer.finish()
         if exit_reason:
