@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_swift.model.builder import unwrap
 
+from . import comm
 from .registry import mapping_for
 from .hf_io import INDEX_FILE, HFCheckpoint, ShardPlan, ShardWriter, parse_size
 from .mapping import FamilyMapping, Rule, Source, format_key, split_name
@@ -121,11 +122,16 @@ def local_params(chunks: list, mapping: FamilyMapping, share_embeddings: bool) -
 
 
 def _check_partition(name: str, p: torch.Tensor, rule: Rule) -> None:
-    """The mapping's TP split dim must be megatron's (catches a wrong rule early). Megatron sets
-    the attributes while initialising weights; without them there is nothing to check."""
+    """The mapping's TP split dim must be megatron's (catches a wrong rule early).
+
+    Transformer Engine's expert layers are built with ``parallel_mode=None`` whenever expert TP or
+    EP > 1, and TE then tags every weight ``partition_dim=0`` (only "row" mode gets 1): for expert
+    weights that tag says "split" but not along which dim, so dim 0 is accepted for any split rule."""
     if not hasattr(p, "tensor_model_parallel"):
         return
     dim = getattr(p, "partition_dim", None) if p.tensor_model_parallel else None
+    if rule.is_expert and dim == 0 and rule.tp_dim is not None:
+        return
     if rule.tp_dim != dim:
         what = f"splits dim {dim}" if dim is not None else "replicates it"
         raise ValueError(f"conversion rule for {name} has tp_dim={rule.tp_dim} but megatron {what} under TP")
@@ -254,17 +260,6 @@ class LiveParams:
     collective = False
 
 
-def _gather(tensor: torch.Tensor, group, size: int, dst_is_me: bool) -> Optional[list[torch.Tensor]]:
-    """``dist.gather`` to the group's first rank; returns the list there, None elsewhere."""
-    if size == 1:
-        return [tensor]
-    tensor = tensor.contiguous()
-    dst = dist.get_global_rank(group, 0)
-    out = [torch.empty_like(tensor) for _ in range(size)] if dst_is_me else None
-    dist.gather(tensor, out, dst=dst, group=group)
-    return out
-
-
 @dataclass
 class _Ranks:
     tp_rank: int
@@ -311,7 +306,7 @@ def _emit(lp: LocalParam, tensor: torch.Tensor, geo: Geometry, ranks: _Ranks,
     if not rule.is_expert:
         if ranks.dp_rank != 0:
             return  # another data-parallel replica writes it
-        shards = [tensor] if rule.tp_dim is None else _gather(tensor, ranks.tp_group, ranks.tp_size,
+        shards = [tensor] if rule.tp_dim is None else comm.gather(tensor, ranks.tp_group, ranks.tp_size,
                                                                ranks.tp_rank == 0)
         if ranks.tp_rank != 0:
             return
@@ -320,12 +315,12 @@ def _emit(lp: LocalParam, tensor: torch.Tensor, geo: Geometry, ranks: _Ranks,
         return
     if ranks.edp_rank != 0:
         return
-    shards = [tensor] if rule.tp_dim is None else _gather(tensor, ranks.etp_group, ranks.etp_size,
+    shards = [tensor] if rule.tp_dim is None else comm.gather(tensor, ranks.etp_group, ranks.etp_size,
                                                          ranks.etp_rank == 0)
     if ranks.etp_rank != 0:
         return
     for source, hf in zip(lp.sources, local_shards_to_hf(rule, shards, geo)):
-        per_ep = _gather(hf, ranks.ep_group, ranks.ep_size, ranks.ep_rank == 0)
+        per_ep = comm.gather(hf, ranks.ep_group, ranks.ep_size, ranks.ep_rank == 0)
         if ranks.ep_rank != 0:
             continue
         for ep, t in enumerate(per_ep):
@@ -373,9 +368,7 @@ def write_hf_weights(chunks: list, config, settings, out_dir: str, *, dtype: tor
     groups = _groups(lps, group_bytes)
     slots = len(groups)
     if params.collective and dist.is_initialized():
-        t = torch.tensor([slots], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        slots = int(t.item())
+        slots = comm.max_int(slots)
     try:
         for s in range(slots):
             group = groups[s] if s < len(groups) else []

@@ -365,7 +365,7 @@ class ShardWriter:
 
     def _write(self, key: str, tensor: torch.Tensor) -> None:
         planned = self.plan.tensors[key]
-        data = tensor.detach().to(self.plan.dtype).contiguous()
+        data = tensor.detach().to("cpu", self.plan.dtype).contiguous()  # live GPU weights too
         if tuple(data.shape) != planned.shape:
             raise ValueError(f"{key}: tensor shape {list(data.shape)} != planned {list(planned.shape)}")
         raw = memoryview(data.view(-1).view(torch.uint8).numpy()) if data.numel() else memoryview(b"")

@@ -31,7 +31,7 @@ import torch
 
 from megatron_swift.checkpoint import layout
 from megatron_swift.checkpoint.layout import RELEASE, read_args_json  # noqa: F401  (re-exported for convert.py)
-from megatron_swift.checkpoint.state import load_model_state, model_sharded_state_dict
+from megatron_swift.checkpoint.state import adapt_request, load_model_state, model_sharded_state_dict
 
 from .engine import LocalParam, unwrap
 
@@ -314,7 +314,10 @@ def load_checkpoint(chunks: list, checkpoint_dir: str) -> None:
     """Loads a whole dist checkpoint into built (real) chunks, at their layout."""
     from megatron.core import dist_checkpointing
 
-    load_model_state(chunks, dist_checkpointing.load(model_sharded_state_dict(chunks), iteration_dir(checkpoint_dir)))
+    directory = iteration_dir(checkpoint_dir)
+    state = model_sharded_state_dict(chunks)
+    adapt_request(state, directory)
+    load_model_state(chunks, dist_checkpointing.load(state, directory))
 
 
 def _unprepended(sh, view: torch.Tensor):
@@ -339,6 +342,7 @@ class CheckpointParams:
 
         self.dir = iteration_dir(checkpoint_dir)
         self.ssds = [unwrap(c).sharded_state_dict() for c in chunks]
+        adapt_request({str(i): ssd for i, ssd in enumerate(self.ssds)}, self.dir)
         self.strategy = TorchDistLoadShardedStrategy()
         self.values: dict[int, torch.Tensor] = {}
 

@@ -33,8 +33,14 @@ def mcore_logits(chunks: list, config, settings, tokens: torch.Tensor) -> Option
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_swift.platform import get_platform
+
+    from . import comm
+
     batch, seq = tokens.shape
-    micro = {"input_ids": tokens, "position_ids": torch.arange(seq).unsqueeze(0).expand(batch, -1).contiguous()}
+    device = get_platform().device
+    micro = {"input_ids": tokens.to(device),
+             "position_ids": torch.arange(seq, device=device).unsqueeze(0).expand(batch, -1).contiguous()}
 
     def forward_step(data_iterator, model):
         data = next(data_iterator)
@@ -59,21 +65,17 @@ def mcore_logits(chunks: list, config, settings, tokens: torch.Tensor) -> Option
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     full = None
     if last:
-        local = collected[0].float().contiguous()
+        local = collected[0].float().contiguous().cpu()
         if tp_size > 1:
-            parts = [torch.empty_like(local) for _ in range(tp_size)]
-            dist.all_gather(parts, local, group=ps.get_tensor_model_parallel_group())
-            local = torch.cat(parts, dim=-1)
+            local = comm.all_gather_cat(local, ps.get_tensor_model_parallel_group(), dim=-1)
         full = local[..., : settings.vocab_size].contiguous()
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return full
     # the first last-stage rank of rank 0's replica sends them to rank 0
     is_src = last and tp_rank == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
-    src = torch.tensor([dist.get_rank() if is_src else dist.get_world_size()], dtype=torch.int64)
-    dist.all_reduce(src, op=dist.ReduceOp.MIN)
-    src = int(src.item())
-    out = full if dist.get_rank() == src else torch.empty(batch, seq, settings.vocab_size)
-    dist.broadcast(out, src=src)
+    src = comm.min_int(dist.get_rank() if is_src else dist.get_world_size())
+    out = comm.broadcast(full if dist.get_rank() == src else None, src, (batch, seq, settings.vocab_size),
+                         torch.float32)
     return out if dist.get_rank() == 0 else None
 
 

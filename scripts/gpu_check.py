@@ -91,6 +91,12 @@ def _build(family, impl=None, **hf_overrides):
     return build_model(tiny_hf_config(family, **hf_overrides), overrides)
 
 
+def _checkpoint_keys(model):
+    """Global dist-checkpoint keys: what a checkpoint written by this spec contains."""
+    return {v.key for v in model.sharded_state_dict().values()
+            if hasattr(v, "key") and not v.key.endswith("_extra_state")}
+
+
 def step_specs(out, dry):
     from megatron_swift.platform import init_parallel
 
@@ -99,8 +105,7 @@ def step_specs(out, dry):
     for family in ("qwen3", "qwen3_moe"):
         (platform_model,), config, _ = _build(family)
         (local_model,), _, _ = _build(family, "local")
-        keys = {k for k in platform_model.sharded_state_dict() if not k.endswith("_extra_state")}
-        local = set(local_model.sharded_state_dict())
+        keys, local = _checkpoint_keys(platform_model), _checkpoint_keys(local_model)
         result[family] = {"impl": config.transformer_impl,
                           "classes": sorted({type(m).__name__ for m in platform_model.modules()
                                              if type(m).__module__.startswith(("transformer_engine", "megatron"))})[:12],

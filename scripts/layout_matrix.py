@@ -50,6 +50,10 @@ TP2_SP = ("--tensor_model_parallel_size", "2", "--sequence_parallel", "true")
 PP2 = ("--pipeline_model_parallel_size", "2")
 LAYOUTS = [
     Layout("dp2", ()),
+    # the GPU default for DP>1 with the distributed optimizer (bucketed reduce-scatter during backward,
+    # all-gather during forward), forced on here because the CPU default is off
+    Layout("dp2_overlap", ("--use_distributed_optimizer", "true", "--overlap_grad_reduce", "true",
+                           "--overlap_param_gather", "true")),
     Layout("tp2_sp", TP2_SP),
     Layout("pp2_mbs1", PP2, micro_batch_size=1),
     Layout("pp2_mbs2", PP2),
@@ -70,6 +74,7 @@ CI_CASES = [
     ("dense", "padding_free", "pp2_mbs2"),
     ("dense", "packed", "pp2_vpp2"),
     ("dense", "padded", "dp2"),
+    ("dense", "padding_free", "dp2_overlap"),
 ]
 
 

@@ -1,6 +1,13 @@
 """Shared fixtures (helpers for launching processes are in helpers.py)."""
 
+import os
+
 import pytest
+
+# The suite is a CPU + gloo suite also on a GPU host: its in-process megatron world, its 2-process jobs
+# (NCCL on a 1-GPU host would ask for device 1) and the scripts they run all inherit this. The
+# gpu-marked tests drop it for their own subprocess.
+os.environ.setdefault("MEGATRON_SWIFT_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

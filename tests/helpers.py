@@ -19,9 +19,12 @@ def free_port() -> int:
 
 
 def worker_env(**extra) -> dict:
+    """The environment of the suite's subprocesses: CPU + gloo also on a GPU host (the multi-process
+    tests are gloo tests; on a 1-GPU host NCCL would ask for device 1); gpu-marked tests run in-process."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONWARNINGS"] = "ignore"
+    env["MEGATRON_SWIFT_DEVICE"] = "cpu"
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -162,7 +162,11 @@ loss = te_model(ids, pos, attention_mask=None, labels=ids).mean()
 loss.backward()
 print("ok", float(loss))
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600)
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MEGATRON_SWIFT_DEVICE"}  # conftest's CPU default
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 

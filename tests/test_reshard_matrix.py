@@ -53,3 +53,26 @@ def test_switching_the_distributed_optimizer_is_a_clear_error(matrix, tmp_path):
         runner.run_sft(matrix.paths, "moe", "padding_free", 1, 2, reshard_matrix.STEPS + (
             "--use_distributed_optimizer", "false", "--load", str(load)), str(tmp_path / "b"))
     assert "distributed optimizer" in str(info.value) and "--no_load_optim true" in str(info.value)
+
+
+def test_overlapped_param_gather_saves_the_updated_weights(matrix):
+    """With --overlap_param_gather a rank's optimizer updates only its shard; the rest arrive in the
+    next forward. A save in between must still hold the updated weights: the HF copy of the step-2
+    checkpoint equals the single process's. (A resume hides stale weights, because the distributed
+    optimizer's saved fp32 params overwrite them; the HF copy and --no_save_optim do not.)"""
+    from safetensors.torch import load_file
+
+    opt = ("--save_safetensors", "true", "--log_params_norm", "false")  # the norm would gather first
+    single = matrix._train("dense", reshard_matrix.ONE, opt)
+    overlapped = matrix._train("dense", reshard_matrix.SETUPS["dp2_overlap"], opt)
+    for step in ("iter_0000002", "iter_0000004"):
+        files = sorted(f for f in os.listdir(os.path.join(single["save"], step, "hf")) if f.endswith(".safetensors"))
+        assert files
+        for name in files:
+            expected = load_file(os.path.join(single["save"], step, "hf", name))
+            actual = load_file(os.path.join(overlapped["save"], step, "hf", name))
+            assert expected.keys() == actual.keys()
+            for key in expected:
+                diff = (actual[key] - expected[key]).abs().max().item()
+                scale = expected[key].abs().max().item()
+                assert diff <= 1e-5 * max(scale, 1.0), (step, key, diff)

@@ -187,8 +187,10 @@ class MegatronArguments(ParallelArguments):
     use_cpu_initialization: bool = arg(False, help="Initialise weights on the CPU, then move them to the device.")
     # parallelism extras
     use_distributed_optimizer: bool = arg(True, help="Shard optimizer states across data-parallel ranks.")
-    overlap_grad_reduce: bool = arg(False, help="Overlap gradient reduce-scatter with backward.")
-    overlap_param_gather: bool = arg(False, help="Overlap parameter all-gather with forward.")
+    overlap_grad_reduce: Optional[bool] = arg(None, help="Overlap gradient reduce-scatter with backward; default: "
+                                                        "on GPU with the distributed optimizer and DP > 1.")
+    overlap_param_gather: Optional[bool] = arg(None, help="Overlap parameter all-gather with forward; default: "
+                                                         "as --overlap_grad_reduce.")
     tp_comm_overlap: bool = arg(False, help="Overlap TP communication with GEMMs (Transformer Engine).")
     distributed_timeout_minutes: Optional[int] = arg(None, ge=1, help="Process-group timeout in minutes (the "
                                                                       "same timeout as --ddp_timeout).")

@@ -55,6 +55,7 @@ def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None,
         _check_extra_megatron_kwargs(args)
         _check_training_paths(args)
         _resolve_training_defaults(args)
+        _resolve_gpu_defaults(args, caps)
         _check_save_dir(args)
     if args.command == "rlhf":
         _check_rlhf(args)
@@ -155,6 +156,8 @@ def _check_training_flags(args) -> None:
     if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
         raise ArgumentError("argument --recompute_granularity full needs --recompute_method (uniform|block) and "
                             "--recompute_num_layers (e.g. --recompute_method uniform --recompute_num_layers 1)")
+    if args.overlap_param_gather and args.overlap_grad_reduce is None:
+        args.overlap_grad_reduce = True
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         raise ArgumentError("argument --overlap_param_gather needs --use_distributed_optimizer true and "
                             "--overlap_grad_reduce true")
@@ -593,6 +596,20 @@ def _check_safetensors_files(model_dir: str) -> None:
 
 def _model_basename(model: str) -> str:
     return os.path.basename(os.path.normpath(os.path.expanduser(model)))
+
+
+def _resolve_gpu_defaults(args, caps: Capabilities) -> None:
+    """Defaults a GPU user expects, left to the machine when the user said nothing: grad-reduce and
+    param-gather overlap with the distributed optimizer; no recompute of core attention when Transformer
+    Engine's (flash / fused) attention does not store the attention matrix anyway."""
+    overlap = caps.gpu and args.use_distributed_optimizer and args.data_parallel_size > 1
+    if args.overlap_grad_reduce is None:
+        args.overlap_grad_reduce = overlap
+    if args.overlap_param_gather is None:
+        args.overlap_param_gather = overlap and args.overlap_grad_reduce
+    recompute_given = {"recompute_granularity", "recompute_modules"} & set(args.explicit_args)
+    if caps.transformer_engine and not recompute_given and args.recompute_modules == ["core_attn"]:
+        args.recompute_granularity = "none"
 
 
 def _resolve_training_defaults(args) -> None:

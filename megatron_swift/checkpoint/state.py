@@ -29,9 +29,63 @@ def model_sharded_state_dict(chunks: list) -> dict:
 
 
 def load_model_state(chunks: list, loaded: dict) -> None:
-    """Puts the model part of a loaded state dict into the chunks (strict: every tensor)."""
+    """Puts the model part of a loaded state dict into the chunks: every tensor must be there;
+    Transformer Engine's ``_extra_state`` (FP8 scaling metadata) may be missing, as in a checkpoint
+    written by the local layer spec (CPU)."""
     for key, chunk in zip(model_keys(len(chunks)), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        result = _unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                               f"{list(result.unexpected_keys)[:5]}")
+
+
+# checkpoint key of an older / other-spec checkpoint -> the key this model asks for
+KEY_ALIASES = {
+    # MoE layers' pre-MLP norm: the local spec (before megatron-swift 0.2) used the dense fc1's fused-norm name
+    "decoder.layers.pre_mlp_layernorm.weight": "decoder.layers.mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def adapt_request(state: dict, directory: str) -> list:
+    """Makes a sharded state dict to load fit what the checkpoint holds, across layer specs and
+    versions: requested ``_extra_state`` objects are dropped when the checkpoint has none (written by
+    the local spec), and keys the checkpoint stores under an alias (``KEY_ALIASES``) are asked for by
+    that name. Returns what it changed (for the log)."""
+    import dataclasses
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    saved = set(dist_checkpointing.load_tensors_metadata(directory))
+    saved_objects = _saved_object_keys(directory)
+    changes = []
+
+    def visit(node):
+        if not isinstance(node, dict):
+            return
+        for name in list(node):
+            value = node[name]
+            if (isinstance(value, ShardedObject) and value.key.endswith("_extra_state")
+                    and value.key not in saved_objects):
+                del node[name]
+                changes.append(f"no {value.key} in the checkpoint")
+            elif isinstance(value, ShardedTensor) and value.key not in saved and KEY_ALIASES.get(value.key) in saved:
+                node[name] = dataclasses.replace(value, key=KEY_ALIASES[value.key])
+                changes.append(f"{value.key} read as {KEY_ALIASES[value.key]}")
+            else:
+                visit(value)
+
+    visit(state)
+    return sorted(set(changes))
+
+
+def _saved_object_keys(directory: str) -> set:
+    """Keys of the ShardedObjects in a torch_dist checkpoint (stored as ``<key>/shard_<offsets>``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(directory).read_metadata()
+    return {key.split("/shard_")[0] for key in metadata.state_dict_metadata if "/shard_" in key}
 
 
 def rng_sharded_object(for_loading: bool):

@@ -101,6 +101,29 @@ def record_exit_code(code: int, env: Optional[Mapping[str, str]] = None, wait_s:
         time.sleep(0.05)
 
 
+def runtime_environment(args, gpu: bool) -> dict:
+    """Environment variables the workers need, set before CUDA or Transformer Engine start (values the
+    user already set win): megatron-core orders its communication kernels by launching them on one
+    CUDA connection (``CUDA_DEVICE_MAX_CONNECTIONS=1``; it warns, or TP overlap fails, without it);
+    ``--deterministic_mode`` also needs Transformer Engine to refuse non-deterministic attention."""
+    out = {}
+    if gpu:
+        out["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
+    if getattr(args, "deterministic_mode", False):
+        out["NVTE_ALLOW_NONDETERMINISTIC_ALGO"] = "0"
+    return out
+
+
+def apply_runtime_environment(args, env=None) -> dict:
+    """Sets ``runtime_environment`` in ``env`` (default os.environ) where unset; returns what it set."""
+    from megatron_swift.args.capabilities import Capabilities
+
+    env = os.environ if env is None else env
+    added = {k: v for k, v in runtime_environment(args, Capabilities.detect(env).gpu).items() if k not in env}
+    env.update(added)
+    return added
+
+
 FORWARDED_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 

@@ -16,7 +16,7 @@ from typing import List, Optional
 from megatron_swift import __version__
 from megatron_swift.args import (COMMANDS, ArgumentError, format_command_help, format_main_help, parse_args,
                                  relaunch_requested)
-from megatron_swift.cli.launch import record_exit_code, relaunch
+from megatron_swift.cli.launch import apply_runtime_environment, record_exit_code, relaunch
 
 NOT_BUILT = ("rlhf",)
 
@@ -78,6 +78,7 @@ def run(argv: List[str]) -> int:
         from megatron_swift.plugin import prepare_run_environment
 
         prepare_run_environment(args)  # --model_kwargs env vars, user plugin files (here and in each worker)
+        apply_runtime_environment(args)  # CUDA / Transformer Engine settings, inherited by a relaunch
         if relaunch_requested(env):
             return relaunch(command, rest, env)
     except (ArgumentError, ValueError) as exc:

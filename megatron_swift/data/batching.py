@@ -79,6 +79,8 @@ class Collator:
     padding_free: bool = True
     pad_to_multiple_of: int = 1
     fixed_length: Optional[int] = None
+    # context parallelism: THD sequences are each padded to a multiple of 2 x CP (data/context_parallel.py)
+    context_parallel_size: int = 1
 
     def __call__(self, items: Sequence[Any]) -> Dict[str, Any]:
         seqs, kto = _sequences(items)
@@ -118,30 +120,45 @@ class Collator:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         lengths = [len(ids) for ids, _ in seqs]
-        total = sum(lengths)
+        cp_multiple = 2 * self.context_parallel_size if self.context_parallel_size > 1 else 1
+        slots = [_round_up(n, cp_multiple) for n in lengths]  # each sequence's room in the row
+        total = sum(slots)
         target = self.fixed_length or _round_up(total, self.pad_to_multiple_of)
         if total > target:
             raise ValueError(f"a micro batch of {total} tokens does not fit fixed_length {target}")
         input_ids: List[int] = []
         labels: List[int] = []
         positions: List[int] = []
-        for ids, lab in seqs:
-            input_ids.extend(ids)
-            labels.extend(shift_labels(lab))
-            positions.extend(range(len(ids)))
+        pad_flags: List[bool] = []
+        for (ids, lab), room in zip(seqs, slots):
+            extra = room - len(ids)
+            input_ids.extend(list(ids) + [self.pad_token_id] * extra)
+            labels.extend(shift_labels(lab) + [IGNORE_INDEX] * extra)
+            positions.extend(range(room))
+            pad_flags.extend([False] * len(ids) + [True] * extra)
         pad = target - total
         if pad:
             input_ids.extend([self.pad_token_id] * pad)
             labels.extend([IGNORE_INDEX] * pad)
             positions.extend(range(pad))
+            pad_flags.extend([True] * pad)
             lengths.append(pad)
-        cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int32), 0)
-        max_len = int(max(lengths))
+            slots.append(pad)
+
+        def cumulative(values):
+            cu = torch.zeros(len(values) + 1, dtype=torch.int32)
+            cu[1:] = torch.cumsum(torch.tensor(values, dtype=torch.int32), 0)
+            return cu
+
+        cu = cumulative(lengths)
+        max_len = int(max(slots))
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                  max_seqlen_q=max_len, max_seqlen_kv=max_len)
-        padding_mask = torch.zeros(1, target, dtype=torch.bool)
-        padding_mask[0, total:] = True
+        if cp_multiple > 1:  # sequences sit at padded offsets (Transformer Engine's THD + CP layout)
+            padded = cumulative(slots)
+            params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+                                     cu_seqlens_kv_padded=padded, max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        padding_mask = torch.tensor([pad_flags], dtype=torch.bool)
         return {
             "input_ids": torch.tensor([input_ids], dtype=torch.long),
             "labels": torch.tensor([labels], dtype=torch.long),

@@ -104,7 +104,9 @@ def collator_from_args(args, pad_token_id: int, max_length: Optional[int], pipel
     """THD for --padding_free or --packing; lengths a multiple of TP under sequence parallelism;
     fixed shapes under pipeline parallelism (``pipeline_fixed_shapes``)."""
     tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    cp = getattr(args, "context_parallel_size", 1) or 1
     multiple = tp if getattr(args, "sequence_parallel", False) and tp > 1 else 1
+    multiple *= 2 * cp if cp > 1 else 1  # each CP rank gets 2 chunks, each a multiple of the SP split
     thd = bool(getattr(args, "padding_free", True) or getattr(args, "packing", False))
     fixed = None
     if pipeline_fixed_shapes and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
@@ -112,7 +114,8 @@ def collator_from_args(args, pad_token_id: int, max_length: Optional[int], pipel
             raise ValueError("pipeline parallelism needs fixed micro-batch shapes: set --max_length")
         fixed = max_length * (getattr(args, "micro_batch_size", 1) if thd else 1)
         fixed = -(-fixed // multiple) * multiple
-    return Collator(pad_token_id=pad_token_id, padding_free=thd, pad_to_multiple_of=multiple, fixed_length=fixed)
+    return Collator(pad_token_id=pad_token_id, padding_free=thd, pad_to_multiple_of=multiple, fixed_length=fixed,
+                    context_parallel_size=cp)
 
 
 def prepare_data(args, tokenizer, *, template=None, mode: Optional[str] = None, cache_dir: Optional[str] = None,

@@ -86,7 +86,27 @@ def decoder_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional
     replacements = {MegatronTopKRouter: TopKRouter}  # layout-invariant router-loss scaling
     if not use_te:
         replacements.update(_local_replacements())
-    return _swap_modules(copy.copy(spec), replacements)
+    spec = _swap_modules(copy.copy(spec), replacements)
+    if not use_te:
+        _moe_norm_keys_as_te(spec)
+    return spec
+
+
+def _moe_norm_keys_as_te(block_spec) -> None:
+    """Checkpoint keys that do not depend on the layer spec. The local spec saves every layer's
+    pre-MLP norm as ``mlp.linear_fc1.layer_norm_weight`` (TE's name for the norm fused into a dense
+    fc1), also in MoE layers, where Transformer Engine's spec keeps ``pre_mlp_layernorm.weight``
+    (experts have no fused norm): MoE layers here use TE's name, so checkpoints move between a CPU
+    (local) and a GPU (TE) run. ``checkpoint.state`` maps the old name when loading older checkpoints."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for layer in getattr(block_spec, "layer_specs", None) or []:
+        sub = layer.submodules
+        mlp = getattr(sub, "mlp", None)
+        if getattr(mlp, "module", None) is MoELayer and "pre_mlp_layernorm." in sub.sharded_state_dict_keys_map:
+            keys = dict(sub.sharded_state_dict_keys_map)
+            del keys["pre_mlp_layernorm."]
+            layer.submodules = dataclasses.replace(sub, sharded_state_dict_keys_map=keys)
 
 
 def _apply_rope_parameters(model, hf_config, settings: GPTSettings) -> None:

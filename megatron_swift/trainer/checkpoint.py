@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import torch
 
 from megatron_swift.checkpoint import layout
-from megatron_swift.checkpoint.state import (load_model_state, model_sharded_state_dict, restore_rng, rng_layout,
-                                             rng_sharded_object)
+from megatron_swift.checkpoint.state import (adapt_request, load_model_state, model_sharded_state_dict, restore_rng,
+                                             rng_layout, rng_sharded_object)
 from megatron_swift.platform import mcore_compat
 
 logger = logging.getLogger("megatron_swift")
@@ -103,6 +103,9 @@ def save_checkpoint(save_dir: str, iteration: int, chunks: list, optimizer=None,
     updated, ``after_publish`` run) when the queue finalizes it on every rank."""
     from megatron.core import dist_checkpointing
 
+    from .model_setup import finish_param_sync
+
+    finish_param_sync(chunks)
     final = iteration_dir(save_dir, iteration)
     tmp = final + ".tmp"
     if _rank() == 0:
@@ -343,6 +346,8 @@ def load_checkpoint(load_dir: str, chunks: list, optimizer=None, scheduler=None,
         _materialize_optimizer_state(optimizer)
     state = _state_dict(chunks, optimizer if load_optim else None, scheduler if load_optim else None, 0, {},
                         save_optim=load_optim, save_rng=load_rng, loading=True)
+    for change in adapt_request(state, directory):
+        logger.debug("checkpoint %s: %s", directory, change)
     try:
         loaded = dist_checkpointing.load(state, directory)
     except (KeyError, CheckpointingException) as exc:

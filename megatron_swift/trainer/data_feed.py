@@ -99,6 +99,7 @@ def build_training_data(args, prefetch_steps: int = 0, max_epochs: Optional[int]
     from transformers import AutoTokenizer
 
     from megatron_swift.data.batching import move_batch
+    from megatron_swift.data.context_parallel import split_for_context_parallel
     from megatron_swift.data.pipeline import prepare_data
     from megatron_swift.platform import get_platform
 
@@ -109,8 +110,11 @@ def build_training_data(args, prefetch_steps: int = 0, max_epochs: Optional[int]
 
         if torch.distributed.get_rank() == 0:
             print(preview_samples(data.train, tokenizer, args.dataset_preview), flush=True)
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-    dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+    # The ranks of a context-parallel group share their micro batches (each takes its part of every
+    # sequence), so the data is sharded over data-parallel replicas without CP.
+    dp_rank = ps.get_data_parallel_rank()
+    dp_size = ps.get_data_parallel_world_size()
+    cp_rank, cp_size = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
     mbs = args.micro_batch_size
     num_micro = args.global_batch_size // (mbs * dp_size)
     device = get_platform().device
@@ -119,7 +123,7 @@ def build_training_data(args, prefetch_steps: int = 0, max_epochs: Optional[int]
     epochs = max_epochs if data.streaming else None
 
     def to_device(batch: dict) -> dict:
-        return move_batch(batch, device)
+        return move_batch(split_for_context_parallel(batch, cp_size, cp_rank), device)
 
     gbs = args.global_batch_size
     # consumed samples = base + (step - base_step) x global batch: a resume continues where the saved

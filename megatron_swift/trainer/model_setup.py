@@ -51,6 +51,19 @@ def _experts_reduced_as_expert_parallel(chunks: list) -> None:
                 param.allreduce = False
 
 
+def finish_param_sync(chunks: list) -> None:
+    """Makes every rank's parameters whole after an optimizer step.
+
+    With ``--overlap_param_gather`` the distributed optimizer updates only this rank's shard; the
+    other shards arrive during the next forward pass (megatron's forward pre-hooks). Whatever reads
+    the parameters between steps (the params norm, a checkpoint and its HF copy) gathers them first,
+    as Megatron-LM does around its saves. The next forward then finds the gather done."""
+    for chunk in chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
+
+
 def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 

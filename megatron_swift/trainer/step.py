@@ -169,6 +169,9 @@ def params_norm(ddp_chunks: list) -> float:
     from megatron_swift.model import unwrap
     from megatron_swift.platform import get_platform
 
+    from .model_setup import finish_param_sync
+
+    finish_param_sync(ddp_chunks)
     device = get_platform().device
     dense = torch.zeros((), dtype=torch.float64, device=device)
     expert = torch.zeros((), dtype=torch.float64, device=device)
