@@ -13,7 +13,9 @@
 """
 
 from .convert import convert_hf_to_mcore, convert_mcore_to_hf
-from .engine import load_hf_into_mcore, save_mcore_as_hf, write_hf_weights
+from .hf_dir import save_mcore_as_hf
+from .load import load_hf_into_mcore
+from .write_hf import write_hf_weights
 from .mcore_io import load_checkpoint, save_checkpoint
 from .precision import check_precision
 from .registry import MAPPINGS, mapping_for

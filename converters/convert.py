@@ -11,7 +11,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .engine import (_dtype, check_hf_checkpoint, global_entries, local_params, materialize, save_mcore_as_hf)
+from .hf_dir import save_mcore_as_hf, torch_dtype_of
+from .load import check_hf_checkpoint, materialize
+from .plan import global_entries, local_params
 from .registry import mapping_for
 from .hf_io import HFCheckpoint
 from .mcore_io import (RELEASE, CheckpointParams, build_chunks, read_args_json, save_lazily, write_layout)
@@ -61,7 +63,7 @@ def convert_hf_to_mcore(model_dir: str, out_dir: str, *, hf_config=None, overrid
     from megatron_swift.model import load_hf_config
 
     hf_config = hf_config or load_hf_config(model_dir)
-    dtype = _dtype(torch_dtype) or _dtype(getattr(hf_config, "dtype", None)) or torch.float32
+    dtype = torch_dtype_of(torch_dtype) or torch_dtype_of(getattr(hf_config, "dtype", None)) or torch.float32
     overrides = dict(overrides or {})
     chunks, config, settings = build_chunks(hf_config, dict(overrides, params_dtype=dtype), meta=True)
     geo = geometry(config, settings)
@@ -120,7 +122,7 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config=None, source_
             raise ValueError(f"no HF config for {mcore_dir}: it has no args.json with hf_config; pass --model")
     if source_dir is None and recorded.get("model_dir") and os.path.isdir(recorded["model_dir"]):
         source_dir = recorded["model_dir"]
-    dtype = (_dtype(torch_dtype) or _dtype(recorded.get("torch_dtype")) or _dtype(getattr(hf_config, "dtype", None))
+    dtype = (torch_dtype_of(torch_dtype) or torch_dtype_of(recorded.get("torch_dtype")) or torch_dtype_of(getattr(hf_config, "dtype", None))
              or torch.float32)
     overrides = dict(overrides or {})
     chunks, config, settings = build_chunks(hf_config, dict(overrides, params_dtype=dtype), meta=True)

@@ -5,13 +5,18 @@ Reading (:class:`HFCheckpoint`): the shard headers (a few KB each) give every te
 shape and byte range; a read of rows ``[a, b)`` of a row-major tensor is ONE ``os.pread`` of
 exactly those bytes. Column slices read the covering row range and slice it. Nothing is
 memory-mapped, so a process's resident memory is the tensors it is converting, not the files it
-has touched (pages of an mmap'd shard count towards RSS for as long as it stays mapped).
+has touched. This is ours rather than safetensors' ``safe_open().get_slice`` because that maps the
+file: a slice is a view into the mapping (it must be copied out before the file closes; reading it
+after returned other data) and the mapped pages count towards RSS while it is open. Measured with
+scripts/bench_convert.py (2 GB model, 2 writer threads), HF -> mcore peaked at 1.14x-1.70x the
+largest shard through get_slice + copy and 0.77x-0.79x with pread (docs/conversion.md).
 
 Writing (:class:`ShardPlan`, :class:`ShardWriter`): every rank knows the full list of output
-tensors (names, shapes, dtype) before any data exists, so the shard files, their headers and
-every tensor's byte offset are fixed up front. Rank 0 creates the files; whichever rank holds a
-finished tensor ``pwrite``s it at its offset (thread pool, ``--thread_count``). No shard is
-ever assembled in memory.
+tensors (names, shapes, dtype) before any data exists, so ``huggingface_hub`` splits them into
+shard files (its names and index) and every tensor's byte offset is fixed up front. Rank 0
+creates the files; whichever rank holds a finished tensor ``pwrite``s it at its offset (thread
+pool, ``--thread_count``). safetensors' writers need a file's whole state dict in memory, so
+writing into a planned file at an offset is ours; no shard is ever assembled in memory.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -49,7 +55,8 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 def parse_size(size: Union[str, int]) -> int:
-    """``"5GB"`` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB are binary)."""
+    """``"5GB"`` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB are binary, which
+    huggingface_hub's private parse_size_to_int does not accept)."""
     if isinstance(size, int):
         return size
     m = _SIZE.match(str(size))
@@ -275,32 +282,27 @@ def _header_bytes(entries: list[tuple[str, tuple, int, int]], dtype_name: str) -
 
 
 class ShardPlan:
-    """Where every output tensor goes: shard files of at most ``max_shard_size`` bytes of data
-    (a tensor larger than that gets a shard of its own), in the given order."""
+    """Where every output tensor goes: ``huggingface_hub``'s split into shard files of at most
+    ``max_shard_size`` bytes (a larger tensor gets a shard of its own; its file names), in the given
+    order, plus each tensor's byte offset in its file."""
 
     def __init__(self, tensors: Sequence[tuple[str, Sequence[int]]], dtype: torch.dtype, max_shard_size: int):
+        from huggingface_hub import split_torch_state_dict_into_shards
+
         self.dtype = dtype
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        groups: list[list[tuple[str, tuple, int]]] = [[]]
-        size = 0
-        for key, shape in tensors:
-            shape = tuple(int(s) for s in shape)
-            n = itemsize
-            for s in shape:
-                n *= s
-            if groups[-1] and size + n > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append((key, shape, n))
-            size += n
-        count = len(groups)
+        shapes = {key: tuple(int(s) for s in shape) for key, shape in tensors}
+        # meta tensors: huggingface_hub sizes them from shape and dtype, nothing is allocated
+        split = split_torch_state_dict_into_shards(
+            {key: torch.empty(shape, dtype=dtype, device="meta") for key, shape in shapes.items()},
+            filename_pattern=SINGLE_FILE.replace(".safetensors", "{suffix}.safetensors"),
+            max_shard_size=max_shard_size)
         self.files: dict[str, tuple[bytes, int]] = {}  # name -> (header, total file size)
         self.tensors: dict[str, PlannedTensor] = {}
-        for i, group in enumerate(groups):
-            name = SINGLE_FILE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+        for name, keys in split.filename_to_tensors.items():
             entries, pos = [], 0
-            for key, shape, n in group:
-                entries.append((key, shape, pos, pos + n))
+            for key in keys:
+                n = math.prod(shapes[key]) * dtype.itemsize
+                entries.append((key, shapes[key], pos, pos + n))
                 pos += n
             header = _header_bytes(entries, DTYPE_NAMES[dtype])
             base = 8 + len(header)

@@ -3,8 +3,9 @@
 A family mapping is a tuple of :class:`Rule`: one Megatron-Core parameter name (local layer spec,
 with ``{layer}`` / ``{expert}`` placeholders for the GLOBAL layer and expert index), the Hugging
 Face tensor(s) it is made of, the transform between the two and the tensor-parallel split
-dimension of the Megatron tensor. The shared engine (``engine.py``) does the rest: it finds the
-rule of every parameter a rank holds, reads or writes the HF tensors and shards / gathers them.
+dimension of the Megatron tensor. The shared engine does the rest: it finds the rule of every
+parameter a rank holds (``plan.py``), reads (``load.py``) or writes (``write_hf.py``) the HF tensors
+and shards / gathers them.
 
 Transforms (the math lives in ``transforms.py``):
 

@@ -19,9 +19,7 @@ by group (:class:`CheckpointParams`) into tensors that live only while they are 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -33,7 +31,7 @@ from megatron_swift.checkpoint import layout
 from megatron_swift.checkpoint.layout import RELEASE, read_args_json  # noqa: F401  (re-exported for convert.py)
 from megatron_swift.checkpoint.state import adapt_request, load_model_state, model_sharded_state_dict
 
-from .engine import LocalParam, unwrap
+from .plan import LocalParam, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -127,14 +125,28 @@ def _half_rows(lp: LocalParam, view: torch.Tensor) -> Optional[tuple[int, int]]:
     return (a, b) if (a, b) in ((0, half), (half, shape[0])) else None
 
 
+# torch versions whose FileSystemWriter internals (_write_item, _write_data) the streaming writer was
+# written and measured against; elsewhere torch's own writer is used
+STREAMING_WRITER_TORCH = ((2, 13), (2, 14))
+
+
 def _streaming_writer_class():
-    """torch's ``FileSystemWriter`` minus one thing: torch (2.13) keeps every tensor of a file
-    referenced until the file is closed (for its safetensors variant), so a rank's whole share
-    of the model would sit in memory. This one drops each tensor right after writing it."""
+    """torch's ``FileSystemWriter`` minus one thing: torch (2.13) keeps tensors of a file referenced
+    until the file is closed (``tensor_dict``, for its safetensors variant), so peak memory grows
+    with the model. Measured by scripts/bench_convert.py (docs/conversion.md): HF -> mcore peaked at
+    1.36x the largest shard for a 2 GB model and 1.55x for 4 GB with torch's writer, 0.8-1.1x with
+    this one, which drops each tensor right after writing it. Used only on the torch versions above."""
     import inspect
     import queue
 
     from torch.distributed.checkpoint import FileSystemWriter
+
+    version = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    if not STREAMING_WRITER_TORCH[0] <= version < STREAMING_WRITER_TORCH[1]:
+        logger.info("torch %s: converting with torch's FileSystemWriter (peak memory grows with the model; "
+                    "the streaming writer is verified for torch %s.x)", torch.__version__,
+                    ".".join(map(str, STREAMING_WRITER_TORCH[0])))
+        return FileSystemWriter
     from torch.distributed.checkpoint import filesystem as fs_mod
     from torch.distributed.checkpoint.planner import WriteItemType
     from torch.futures import Future
@@ -190,23 +202,6 @@ def _streaming_writer_class():
             return future
 
     return StreamingFileSystemWriter
-
-
-@contextlib.contextmanager
-def _without_crc32():
-    """torch.save computes a CRC-32 of every record it writes (about as costly as writing the
-    bytes to the page cache); nothing that loads a dist checkpoint (torch.load) checks it."""
-    try:
-        from torch.utils.serialization import config
-    except ImportError:  # older torch: no switch
-        yield
-        return
-    old = config.save.compute_crc32
-    config.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        config.save.compute_crc32 = old
 
 
 def _lazy_strategy_class():
@@ -276,8 +271,7 @@ def _lazy_strategy_class():
             writer = writer_class(str(checkpoint_dir), thread_count=self.thread_count)
             planner = LazyPlanner(table, materializer, dedup_replicated_tensors=not self.keep_only_main_replica,
                                   flatten_state_dict=False)
-            with _without_crc32():
-                dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
+            dcp_save(pyt_state_dict, storage_writer=writer, planner=planner)
 
     return LazyTorchDistSaveStrategy
 

@@ -145,7 +145,7 @@ def _naive_hf_to_mcore(src: str, dst: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from megatron_swift.converters.engine import local_params
+    from megatron_swift.converters.plan import local_params
     from megatron_swift.converters.registry import mapping_for
     from megatron_swift.converters.mapping import format_key
     from megatron_swift.converters.mcore_io import build_chunks, save_checkpoint, write_layout
@@ -305,7 +305,7 @@ def main():
     p.add_argument("--kv_heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard_size", default="500MB")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)  # the CLI default --thread_count at this size
     p.add_argument("--skip_naive", action="store_true")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     args = p.parse_args()

@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     from megatron_swift.data.batching import Collator, move_batch
     from megatron_swift.model import build_model
     from megatron_swift.model.tiny import tiny_hf_config
-    from megatron_swift.platform import ParallelLayout, get_platform, init_parallel
+    from megatron_swift.platform import ParallelLayout, init_parallel
     from megatron_swift.trainer.flops import sequence_lengths, training_flops
     from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, wrap_ddp
     from megatron_swift.trainer.step import train_step

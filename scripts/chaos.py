@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 14

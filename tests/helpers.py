@@ -18,15 +18,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# the torchrun variables of an enclosing job: a test's `megatron` must decide its own world size
+_LAUNCHER_VARS = ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "LOCAL_RANK", "RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID",
+                  "MASTER_ADDR", "MASTER_PORT")
+
+
 def worker_env(**extra) -> dict:
     """The environment of the suite's subprocesses: CPU + gloo also on a GPU host (the multi-process
     tests are gloo tests; on a 1-GPU host NCCL would ask for device 1); gpu-marked tests run in-process."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONWARNINGS"] = "ignore"
     env["MEGATRON_SWIFT_DEVICE"] = "cpu"
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+# `megatron` as users run it: the console script when this interpreter's environment installed it
+# (pip install -e .), else the same entry point as a module
+_SCRIPT = Path(sys.executable).parent / "megatron"
+MEGATRON = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "megatron_swift.cli.main"]
+
+
+def megatron(*argv, nproc: int = 1, timeout: int = 600, **env) -> subprocess.CompletedProcess:
+    """``megatron <argv>`` through the CLI (torchrun relaunch when ``nproc`` > 1), CPU + gloo, output
+    captured; ``env``: extra environment variables."""
+    if nproc > 1:
+        env = {"NPROC_PER_NODE": nproc, "MASTER_PORT": free_port(), **env}
+    return subprocess.run([*MEGATRON, *map(str, argv)], env=worker_env(**env), cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def run_checked(cmd: list, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,6 @@ run must equal the uninterrupted run's exactly in one process, and within fp32 r
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import MEGATRON, free_port, worker_env
 from megatron_swift.args import (ALIASES, ArgumentError, ExportCommandArguments, PtArguments, RLHFCommandArguments,
                                  SftArguments, field_infos, parse_args, world_size_from_env)
 from megatron_swift.args.dist_env import relaunch_requested
@@ -438,11 +438,31 @@ def test_worker_exit_codes_round_trip(tmp_path):
     assert read_worker_exit_code(str(tmp_path)) == 2
     record_exit_code(5, {"MEGATRON_SWIFT_EXIT_CODE_DIR": str(tmp_path)})  # not a worker: no-op
     assert sorted(os.listdir(tmp_path)) == ["local_rank_0", "local_rank_1"]
-    # a failing worker waits (bounded) for its local peers, so every rank gets to report the error
-    import time
-    start = time.monotonic()
-    record_exit_code(2, {**env, "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "4"}, wait_s=0.3)
-    assert 0.25 < time.monotonic() - start < 5
+
+def test_failing_worker_waits_for_its_local_peers(tmp_path, monkeypatch):
+    """A failing worker polls until every local rank has recorded its code (so each reports the error)
+    and gives up at its deadline; a clock that advances one poll per sleep stands in for time."""
+    from megatron_swift.cli import launch
+
+    clock = {"now": 0.0, "polls": 0}
+
+    def sleep(seconds):
+        clock["now"] += seconds
+        clock["polls"] += 1
+        if clock["polls"] == 3:  # the last peer reports during the third wait
+            (tmp_path / "local_rank_3").write_text("2")
+
+    monkeypatch.setattr(launch.time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(launch.time, "sleep", sleep)
+    env = {"MEGATRON_SWIFT_EXIT_CODE_DIR": str(tmp_path), "LOCAL_WORLD_SIZE": "4"}
+    for rank in (0, 1):
+        (tmp_path / f"local_rank_{rank}").write_text("0")
+    record_exit_code(2, {**env, "LOCAL_RANK": "2"}, wait_s=5.0)
+    assert clock["polls"] == 3  # returned as soon as all four had reported
+    (tmp_path / "local_rank_3").unlink()
+    clock.update(now=100.0, polls=-1000)  # rank 3 never reports: bounded by the deadline
+    record_exit_code(2, {**env, "LOCAL_RANK": "2"}, wait_s=1.0)
+    assert 101.0 <= clock["now"] < 101.1  # one poll interval past the 1 s deadline at most
 
 
 # ----------------------------------------------------------------------------- cli in-process
@@ -479,27 +499,15 @@ def test_not_built_and_errors_in_process(model, clean_env, capsys):
 
 # ------------------------------------------------------------------------------ subprocess e2e
 
-def _megatron() -> list:
-    script = Path(sys.executable).parent / "megatron"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "megatron_swift.cli.main"]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NPROC_PER_NODE", "NNODES", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK")}
-    env.update(extra)
-    return env
-
-
 def test_console_script_help_and_unknown_argument():
-    out = subprocess.run(_megatron() + ["--help"], capture_output=True, text=True, env=_env(), timeout=60)
+    out = subprocess.run(MEGATRON + ["--help"], capture_output=True, text=True, env=worker_env(), timeout=60)
     assert out.returncode == 0 and "pt" in out.stdout and "export" in out.stdout and "NPROC_PER_NODE" in out.stdout
-    out = subprocess.run(_megatron() + ["sft", "--help"], capture_output=True, text=True, env=_env(), timeout=60)
+    out = subprocess.run(MEGATRON + ["sft", "--help"], capture_output=True, text=True, env=worker_env(), timeout=60)
     assert out.returncode == 0
     assert "Megatron arguments:" in out.stdout and "--global_batch_size int (default: 16)" in out.stdout
     assert "--save str|none (default: None) [alias: --output_dir]" in out.stdout
-    out = subprocess.run(_megatron() + ["sft", "--micro_batch_sise", "2"], capture_output=True, text=True,
-                         env=_env(NPROC_PER_NODE="2"), timeout=60)
+    out = subprocess.run(MEGATRON + ["sft", "--micro_batch_sise", "2"], capture_output=True, text=True,
+                         env=worker_env(NPROC_PER_NODE="2"), timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("megatron sft: error: unrecognized argument --micro_batch_sise; "
                                  "did you mean --micro_batch_size")
@@ -513,28 +521,22 @@ def test_parsing_imports_neither_torch_nor_megatron(model):
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron', 'transformers'))\n"
             "print(rc, heavy)\n")
     out = subprocess.run([sys.executable, "-c", code, model, model + "-out"], capture_output=True, text=True,
-                         env=_env(), timeout=60)
+                         env=worker_env(), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "2 []"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_nproc_per_node_relaunches_under_torchrun(tmp_path):
     model = make_model(tmp_path)
     argv = ["rlhf", "--model", model, "--dataset", "d", "--train_iters", "3"]
-    out = subprocess.run(_megatron() + argv, capture_output=True, text=True, timeout=120,
-                         env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(_free_port())))
+    out = subprocess.run(MEGATRON + argv, capture_output=True, text=True, timeout=120,
+                         env=worker_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
     message = "megatron rlhf is not built yet in this version (see README: roadmap)."
     assert out.returncode == 2, out.stderr
     assert out.stderr.count(message) == 2, out.stderr  # one per torchrun worker
     # validation happens before the relaunch: a bad TP never reaches torchrun
-    out = subprocess.run(_megatron() + argv + ["--tensor_model_parallel_size", "4"], capture_output=True, text=True,
-                         timeout=60, env=_env(NPROC_PER_NODE="2", MASTER_PORT=str(_free_port())))
+    out = subprocess.run(MEGATRON + argv + ["--tensor_model_parallel_size", "4"], capture_output=True, text=True,
+                         timeout=60, env=worker_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
     assert out.returncode == 2
     assert out.stderr.startswith("megatron rlhf: error: arguments --tensor_model_parallel_size (4)")
     assert "torch.distributed" not in out.stderr

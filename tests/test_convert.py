@@ -18,15 +18,13 @@ import glob
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import REPO, TESTS, free_port, torchrun
+from helpers import TESTS, megatron, torchrun
 
 from megatron_swift.converters.hf_io import HFCheckpoint, ShardPlan, ShardWriter, parse_size
 from megatron_swift.converters.mapping import GATE_UP, QKV, VOCAB, Rule, split_name, src
@@ -432,41 +430,22 @@ def test_moe_layouts_ep_and_fused_experts(parallel_job):
 
 # ---------------------------------------------------------------------------------------- CLI
 
-def _megatron() -> list:
-    script = Path(sys.executable).parent / "megatron"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "megatron_swift.cli.main"]
-
-
-def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("NPROC_PER_NODE", "NNODES", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra)
-    return env
-
-
-def _cli(argv: list, timeout: int = 300, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(_megatron() + argv, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env=_env(**env))
-
-
 @pytest.mark.slow  # a real 2-process gloo job
 def test_cli_export_both_directions_under_torchrun(models, tmp_path):
     hf = models("qwen2_moe")
     mcore, back = tmp_path / "mcore", tmp_path / "hf"
-    out = _cli(["export", "--model", hf, "--to_mcore", "true", "--output_dir", str(mcore),
-                "--expert_model_parallel_size", "2", "--test_convert_precision", "true"],
-               NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    out = megatron(*["export", "--model", hf, "--to_mcore", "true", "--output_dir", str(mcore),
+                "--expert_model_parallel_size", "2", "--test_convert_precision", "true"], nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "mean_diff (with loss)" in out.stdout and "token_diff: 0" in out.stdout
     assert_precise(json.loads((mcore / "convert_precision.json").read_text()))
-    out = _cli(["export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir", str(back),
-                "--pipeline_model_parallel_size", "2", "--max_shard_size", "50KB"],
-               NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
+    out = megatron(*["export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir", str(back),
+                "--pipeline_model_parallel_size", "2", "--max_shard_size", "50KB"], nproc=2)
     assert out.returncode == 0, out.stderr[-3000:]
     assert_bit_exact(hf, back)
     assert (back / "tokenizer_config.json").is_file()
     # an existing output directory needs --exist_ok (checked before any work)
-    out = _cli(["export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir", str(back)])
+    out = megatron(*["export", "--mcore_model", str(mcore), "--to_hf", "true", "--output_dir", str(back)])
     assert out.returncode == 2 and out.stderr.startswith("megatron export: error: argument --output_dir:")
     assert "already exists" in out.stderr
 
@@ -475,11 +454,11 @@ def test_cli_errors_name_the_problem(models, tmp_path):
     bad = _corrupt_copy(models("qwen3"), tmp_path / "bad")
     victim = sorted(bad.glob("model-*.safetensors"))[0]
     victim.unlink()
-    out = _cli(["export", "--model", str(bad), "--to_mcore", "true", "--output_dir", str(tmp_path / "o")])
+    out = megatron(*["export", "--model", str(bad), "--to_mcore", "true", "--output_dir", str(tmp_path / "o")])
     assert out.returncode == 2
     assert out.stderr.startswith("megatron export: error: ") and victim.name in out.stderr, out.stderr
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text((bad / "config.json").read_text())
-    out = _cli(["export", "--model", str(empty), "--to_mcore", "true", "--output_dir", str(tmp_path / "o")])
+    out = megatron(*["export", "--model", str(empty), "--to_mcore", "true", "--output_dir", str(tmp_path / "o")])
     assert out.returncode == 2 and "no safetensors weights in" in out.stderr, out.stderr

@@ -12,12 +12,12 @@ import csv
 import json
 import logging
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from megatron_swift.args.commands import SftArguments
 from megatron_swift.data import (Collator, DataOptions, DataRowError, DatasetNotFoundError, MicroBatchSampler,
                                  RowError, load_datasets, make_tiny_tokenizer, normalize_row, pack_lengths,
                                  parse_dataset_spec, prepare_data, preview_samples, sample_indices, shift_labels)
@@ -288,8 +288,9 @@ def test_check_dataset_args_before_any_worker(tmp_path):
         with pytest.raises(ArgumentError) as e:
             check_dataset_args(args)
         assert str(e.value).startswith(f"argument --{name} {value!r}: ") and why in str(e.value), str(e.value)
-    code = ("import sys, types\nfrom megatron_swift.data.checks import check_dataset_args\n"
-            "check_dataset_args(types.SimpleNamespace(dataset=[sys.argv[1]], val_dataset=[]))\n"
+    code = ("import sys\nfrom megatron_swift.args.commands import SftArguments\n"
+            "from megatron_swift.data.checks import check_dataset_args\n"
+            "check_dataset_args(SftArguments(dataset=[sys.argv[1]], val_dataset=[]))\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'datasets', 'numpy')))\n")
     out = subprocess.run([sys.executable, "-c", code, good], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})
@@ -426,7 +427,7 @@ def args_for(paths, **kw):
                 packing_cache=None, micro_batch_size=2, tensor_model_parallel_size=1, sequence_parallel=False,
                 pipeline_model_parallel_size=1, hf_config={"model_type": "qwen2"})
     base.update(kw)
-    return SimpleNamespace(**base)
+    return SftArguments(**base)
 
 
 def test_prepare_data_end_to_end_with_packing_and_preview(tmp_path, tokenizer):

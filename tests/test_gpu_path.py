@@ -105,7 +105,7 @@ def test_gpu_overlap_and_launch_environment(tmp_path):
 def test_te_tagged_expert_weights_pass_the_partition_check():
     """B3: TE builds experts with parallel_mode=None when expert TP or EP > 1 and tags every weight
     partition_dim=0, also fc2 (split on dim 1 by the rule)."""
-    from megatron_swift.converters.engine import _check_partition
+    from megatron_swift.converters.plan import _check_partition
     from megatron_swift.converters.mapping import Rule, src
 
     weight = torch.nn.Parameter(torch.empty(4, 4))

@@ -11,13 +11,11 @@ applied to each layer alone, divided by top-k, averaged over layers.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO, worker_env
+from helpers import megatron
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +33,7 @@ def test_logged_load_balancing_loss_equals_transformers_at_step_1(tmp_path):
     argv = ["--model", model, "--dataset", data, "--micro_batch_size", "4", "--global_batch_size", "4",
             "--train_iters", "1", "--split_dataset_ratio", "0", "--save", str(tmp_path / "run"),
             "--add_version", "false", "--log_interval", "1"]
-    proc = subprocess.run([sys.executable, "-m", "megatron_swift.cli.main", "sft", *argv], cwd=REPO,
-                          env=worker_env(), capture_output=True, text=True, timeout=300)
+    proc = megatron("sft", *argv, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     logged = json.loads((tmp_path / "run" / "logging.jsonl").read_text().splitlines()[0])["load_balancing_loss"]
 

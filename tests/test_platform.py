@@ -36,11 +36,74 @@ def test_cuda_device_arguments_land_on_cpu(megatron_world1):
     assert t.to("cuda").device.type == "cpu"
     assert t.to("cuda", torch.float32).dtype == torch.float32
     assert torch.empty(2, pin_memory=True).device.type == "cpu"
-    # optimizer/clip_grads assert tensor.type() == 'torch.cuda.FloatTensor'
-    assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
-    assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+    # megatron's optimizer/clip_grads assert tensor.type() == 'torch.cuda.FloatTensor'; only they
+    # are answered with CUDA names
+    asks = {"__name__": "megatron.core.optimizer.clip_grads", "torch": torch}
+    assert eval("torch.zeros(1).type()", asks) == "torch.cuda.FloatTensor"
+    assert eval("torch.zeros(1, dtype=torch.bfloat16).type()", asks) == "torch.cuda.BFloat16Tensor"
+    assert torch.zeros(1).type() == "torch.FloatTensor"  # everyone else sees the truth
     assert torch.zeros(1).type(torch.float64).dtype == torch.float64
-    assert not torch.cuda.is_available()  # megatron's own no-CUDA fallbacks stay active
+    # consistent with each other: no CUDA, no CUDA devices (megatron's and transformers' own no-CUDA
+    # fallbacks stay active)
+    assert not torch.cuda.is_available() and torch.cuda.device_count() == 0
+
+
+def test_megatron_optimizer_dtype_checks_pass(megatron_world1):
+    """The check the CUDA type names exist for: megatron's optimizer sorts params by Tensor.type()."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_swift.model import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.trainer.model_setup import OptimizerSettings, wrap_ddp
+
+    (model,), config, _ = build_model(tiny_hf_config("qwen3"))
+    chunks = wrap_ddp([model], config, OptimizerSettings(use_distributed_optimizer=False))
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), chunks)
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
+        sum(p.numel() for p in model.parameters())
+
+
+_LAYER_SCOPE = r"""
+import json, torch
+from transformers import AutoModelForCausalLM
+from megatron_swift.model.tiny import tiny_hf_config
+from megatron_swift.platform import destroy_parallel, init_parallel
+
+original = (torch.cuda.current_device, torch.cuda.synchronize)
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_config(tiny_hf_config("qwen3")).eval()
+ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+with torch.no_grad():
+    plain = model(ids).logits
+init_parallel()
+with torch.no_grad():
+    layered = model(ids).logits
+    generated = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+installed = torch.ones(1, device="cuda").device.type
+destroy_parallel()
+try:
+    torch.ones(1, device="cuda")
+    after = "cpu tensor"
+except AssertionError as exc:  # torch's CPU build: "Torch not compiled with CUDA enabled"
+    after = type(exc).__name__
+print(json.dumps({"same_logits": bool(torch.equal(plain, layered)), "generated": list(generated.shape),
+                  "installed": installed, "after": after,
+                  "restored": (torch.cuda.current_device, torch.cuda.synchronize) == original,
+                  "modes": torch._C._len_torch_function_stack()}))
+"""
+
+
+def test_cpu_layer_is_scoped_and_transformers_runs_under_it():
+    """The layer lives from init_parallel to destroy_parallel: transformers (and vLLM, colocated for
+    rollouts) computes the same logits with it installed, and afterwards torch is torch again."""
+    from helpers import worker_env
+
+    out = subprocess.run([sys.executable, "-c", _LAYER_SCOPE], cwd=REPO, capture_output=True, text=True,
+                         env=worker_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"same_logits": True, "generated": [1, 12], "installed": "cpu", "after": "AssertionError",
+                      "restored": True, "modes": 0}, result
 
 
 def test_cuda_allocation_inside_custom_backward(megatron_world1):
@@ -145,10 +208,18 @@ def test_top_level_kernels_folder_does_not_shadow_hf_kernels():
         "import importlib.util, json\n"
         "spec = importlib.util.find_spec('kernels')\n"
         "import megatron_swift.kernels.norm as n\n"
-        "print(json.dumps([spec is None or spec.origin is None, n.__name__]))\n"
+        "leaks = []\n"
+        "for name in ('tests', 'scripts', 'megatron_swift', 'docs'):\n"
+        "    try:\n"
+        "        __import__('megatron_swift.' + name)\n"
+        "        leaks.append(name)\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "print(json.dumps([spec is None or spec.origin is None, n.__name__, leaks]))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    no_regular_package, name = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    no_regular_package, name, leaks = __import__("json").loads(out.stdout.strip().splitlines()[-1])
+    assert leaks == [], f"top-level folders importable as megatron_swift.<folder>: {leaks}"
     assert no_regular_package, "a regular top-level `kernels` package is importable from the repo root"
     assert name == "megatron_swift.kernels.norm"
     assert importlib.util.find_spec("megatron_swift.kernels") is not None

@@ -14,15 +14,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, worker_env
+from helpers import MEGATRON, REPO, free_port, worker_env
 
-MEGATRON = [sys.executable, "-m", "megatron_swift.cli.main"]
 
 
 def checksums(root: Path) -> dict:
@@ -59,7 +57,7 @@ def losses(save) -> list:
 def _args(demo, save, *extra):
     from megatron_swift.args import parse_args
 
-    return parse_args("sft", sft_cmd(demo, save, "--train_iters", "4", *extra)[4:], world_size=1)
+    return parse_args("sft", sft_cmd(demo, save, "--train_iters", "4", *extra)[len(MEGATRON) + 1:], world_size=1)
 
 
 def test_load_with_only_an_unfinished_save_is_refused(demo, tmp_path):
@@ -221,10 +219,9 @@ def test_exit_interval_saves_and_leaves(demo, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_writer_processes_die_with_a_killed_trainer(demo, tmp_path):
-    """megatron's checkpoint writer starts a helper process; SIGKILLing the trainer (OOM killer,
-    preemption) must not leave it running (mcore_compat.writer_queue_dies_with_trainer)."""
-    import psutil
-
+    """megatron's checkpoint writer starts a helper process and forks writers on every save;
+    SIGKILLing the trainer (OOM killer, preemption) must not leave any of them running
+    (mcore_compat.writer_queue_dies_with_trainer, forked_children_die_with_trainer)."""
     save = tmp_path / "killed"
     proc = subprocess.Popen(sft_cmd(demo, save, "--train_iters", "200", "--save_interval", "1",
                                     "--no_save_optim", "true"),
@@ -235,15 +232,30 @@ def test_checkpoint_writer_processes_die_with_a_killed_trainer(demo, tmp_path):
         time.sleep(0.2)
     assert (save / "latest_checkpointed_iteration.txt").is_file()
     session = os.getsid(proc.pid)
-    helpers = [p for p in psutil.process_iter() if p.pid != proc.pid and _sid(p.pid) == session]
-    assert helpers, "expected the checkpoint writer's helper process"
+    assert _session_members(session, exclude=proc.pid), "expected the checkpoint writer's helper process"
     proc.kill()
     proc.wait()
-    time.sleep(3)
-    alive = [p.pid for p in helpers if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-    for pid in alive:  # do not leave them behind for the rest of the suite
-        os.kill(pid, signal.SIGKILL)
-    assert not alive, f"helper processes outlived the trainer: {alive}"
+    deadline = time.time() + 5  # writers forked mid-save get SIGKILL at once; the tracker then sees EOF
+    while time.time() < deadline and _session_members(session):
+        time.sleep(0.2)
+    alive = _session_members(session)
+    described = [(p.pid, " ".join(p.cmdline())[:200]) for p in alive]
+    for p in alive:  # do not leave them behind for the rest of the suite
+        p.kill()
+    assert not alive, f"helper processes outlived the trainer: {described}"
+
+
+def _session_members(session: int, exclude: int = -1) -> list:
+    import psutil
+
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != exclude and _sid(p.pid) == session and p.status() != psutil.STATUS_ZOMBIE:
+                members.append(p)
+        except psutil.Error:
+            continue
+    return members
 
 
 def _sid(pid: int):

@@ -11,14 +11,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
-from helpers import REPO, free_port, worker_env
+from helpers import MEGATRON, REPO, free_port, worker_env
 
 pytestmark = pytest.mark.slow
-MEGATRON = [sys.executable, "-m", "megatron_swift.cli.main"]
 
 
 @pytest.fixture(scope="module")

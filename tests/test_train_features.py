@@ -11,15 +11,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import REPO, free_port, worker_env
+from helpers import MEGATRON, REPO, free_port, worker_env
 
 pytestmark = pytest.mark.slow
-MEGATRON = [sys.executable, "-m", "megatron_swift.cli.main"]
 
 
 @pytest.fixture(scope="module")

@@ -166,7 +166,7 @@ def _kernels(args, caps):
         if value and getattr(args, f"no_{name.replace('apply_', '')}", False):
             return f"arguments --{name} true and --no_{name.replace('apply_', '')} true contradict each other"
         if value and not caps.fused_kernels:
-            return _needs_gpu_kernel(f"argument --{name} true", caps) + f"; leave it unset (used when available)"
+            return _needs_gpu_kernel(f"argument --{name} true", caps) + "; leave it unset (used when available)"
     if args.gradient_accumulation_fusion and args.no_gradient_accumulation_fusion:
         return "arguments --gradient_accumulation_fusion true and --no_gradient_accumulation_fusion true contradict"
     if args.gradient_accumulation_fusion and not (caps.apex_gradient_accumulation or caps.transformer_engine):

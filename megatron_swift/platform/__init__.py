@@ -1,13 +1,15 @@
 """The one place that knows which machine we run on.
 
 ``get_platform()`` decides once per process: CUDA + NCCL when a GPU is visible, otherwise CPU +
-gloo. On CPU it installs the compatibility layer (``cpu_compat``) that lets megatron-core's
-CUDA-only code paths run; no other module in megatron_swift asks "am I on CPU?". Code that needs
+gloo. No other module in megatron_swift asks "am I on CPU?". Code that needs
 the device or a capability asks the platform object instead (``platform.device``,
 ``platform.has_transformer_engine``, ``platform.adjust_model_config``).
 
 ``init_parallel(...)`` creates the default process group (from torchrun's env vars, or a
-private single-process group), megatron's model-parallel groups and the RNG tracker.
+private single-process group), megatron's model-parallel groups and the RNG tracker. On CPU it
+also installs the compatibility layer (``cpu_compat``) that lets megatron-core's CUDA-only code
+paths run; ``destroy_parallel()`` removes it again, so code after it (or transformers and vLLM in
+the same process) sees plain torch.
 """
 
 from __future__ import annotations
@@ -164,13 +166,7 @@ def get_platform() -> Platform:
         use_cuda = torch.cuda.is_available() and forced != "cpu"
         if forced == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("MEGATRON_SWIFT_DEVICE=cuda but torch sees no CUDA device")
-        if use_cuda:
-            _PLATFORM = Platform("cuda", "nccl")
-        else:
-            from . import cpu_compat
-
-            cpu_compat.install()
-            _PLATFORM = Platform("cpu", "gloo")
+        _PLATFORM = Platform("cuda", "nccl") if use_cuda else Platform("cpu", "gloo")
         from . import mcore_compat
 
         for name in mcore_compat.install(_PLATFORM.device_type):
@@ -197,6 +193,10 @@ def init_distributed(timeout_seconds: int = DEFAULT_TIMEOUT_SECONDS, backend: Op
     defaults to the platform's (nccl on GPU, gloo on CPU).
     """
     platform = get_platform()
+    if not platform.is_cuda:
+        from . import cpu_compat
+
+        cpu_compat.install()  # until destroy_parallel
     if dist.is_initialized():
         return platform
     timeout = datetime.timedelta(seconds=timeout_seconds)
@@ -284,7 +284,10 @@ def seed_everything(seed: int) -> None:
 def destroy_parallel() -> None:
     from megatron.core import parallel_state
 
+    from . import cpu_compat
+
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    cpu_compat.uninstall()

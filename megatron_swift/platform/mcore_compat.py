@@ -12,6 +12,7 @@ megatron-core bump shows at once which ones can go.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -165,6 +166,40 @@ def _die_with_parent() -> None:  # runs in the manager process (module level: sp
         pass
 
 
+_fork_state = {"installed": False, "from_main_thread": False, "parent": 0}
+
+
+def _before_fork() -> None:
+    import threading
+
+    _fork_state["from_main_thread"] = threading.current_thread() is threading.main_thread()
+    _fork_state["parent"] = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    # Linux sends PDEATHSIG when the forking *thread* ends, so only children of the main thread
+    # (whose end is the trainer's end) get it; a parent already gone before prctl ran is caught by ppid.
+    if _fork_state["from_main_thread"]:
+        _die_with_parent()
+        if os.getppid() != _fork_state["parent"]:
+            os._exit(1)
+
+
+def forked_children_die_with_trainer() -> bool:
+    """megatron-core forks a writer process per save bucket (``FileSystemWriterAsync``) and, with
+    ``--async_save``, a persistent save process; SIGKILLing the trainer mid-save (preemption, OOM
+    killer) would leave them writing into a run nobody owns. An at-fork hook makes every child the
+    main thread forks ask Linux to kill it with its parent. Idempotent; True when installed."""
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    if not _fork_state["installed"]:
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        _fork_state["installed"] = True
+    return True
+
+
 def writer_queue_dies_with_trainer() -> bool:
     """megatron-core's dist-checkpoint writer starts a ``multiprocessing`` Manager (spawned) for its
     results queue on the first save and keeps it for the process's life; when the trainer is
@@ -176,6 +211,7 @@ def writer_queue_dies_with_trainer() -> bool:
 
     if not sys.platform.startswith("linux"):
         return False
+    forked_children_die_with_trainer()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "missing") is not None:

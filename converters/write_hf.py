@@ -1,0 +1,174 @@
+"""mcore -> HF weights: one tensor at a time is gathered over TP (and expert-TP / EP for experts)
+to the first rank of its pipeline stage, which hands the HF tensors to the shard writer."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import comm
+from .hf_io import INDEX_FILE, ShardPlan, ShardWriter, parse_size
+from .mapping import format_key
+from .plan import LocalParam, _ps, global_entries, local_params
+from .registry import mapping_for
+from .transforms import Geometry, geometry, local_shards_to_hf
+
+
+class LiveParams:
+    """Parameter values straight from built (real) chunks."""
+
+    def materialize(self, group: list[LocalParam]) -> None:
+        pass
+
+    def tensor(self, lp: LocalParam) -> torch.Tensor:
+        return lp.param.detach()
+
+    def release(self, group: list[LocalParam]) -> None:
+        pass
+
+    collective = False
+
+
+@dataclass
+class _Ranks:
+    tp_rank: int
+    tp_size: int
+    dp_rank: int  # with context parallel
+    etp_rank: int
+    etp_size: int
+    ep_rank: int
+    ep_size: int
+    edp_rank: int
+    tp_group: object = field(repr=False)
+    etp_group: object = field(repr=False)
+    ep_group: object = field(repr=False)
+
+    @property
+    def writer(self) -> bool:
+        """The first rank of its pipeline stage: it writes that stage's tensors."""
+        return self.tp_rank == 0 and self.dp_rank == 0
+
+
+def _ranks() -> _Ranks:
+    ps = _ps()
+    r = _Ranks(
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(with_context_parallel=True),
+        etp_rank=ps.get_expert_tensor_parallel_rank(), etp_size=ps.get_expert_tensor_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
+        edp_rank=ps.get_expert_data_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(), etp_group=ps.get_expert_tensor_parallel_group(),
+        ep_group=ps.get_expert_model_parallel_group(),
+    )
+    if r.writer and (r.etp_rank or r.ep_rank or r.edp_rank):
+        raise RuntimeError(f"unexpected rank layout: the stage's first rank has expert ranks "
+                           f"etp={r.etp_rank} ep={r.ep_rank} edp={r.edp_rank}")
+    return r
+
+
+def _emit(lp: LocalParam, tensor: torch.Tensor, geo: Geometry, ranks: _Ranks,
+          submit: Optional[Callable[[str, torch.Tensor], None]]) -> None:
+    """Gathers one parameter to the stage's writer and submits its HF tensors there."""
+    rule = lp.rule
+    if lp.tied:
+        return
+    if not rule.is_expert:
+        if ranks.dp_rank != 0:
+            return  # another data-parallel replica writes it
+        shards = [tensor] if rule.tp_dim is None else comm.gather(tensor, ranks.tp_group, ranks.tp_size,
+                                                               ranks.tp_rank == 0)
+        if ranks.tp_rank != 0:
+            return
+        for key, hf in zip(lp.hf_keys(), local_shards_to_hf(rule, shards, geo)):
+            submit(key, hf)
+        return
+    if ranks.edp_rank != 0:
+        return
+    shards = [tensor] if rule.tp_dim is None else comm.gather(tensor, ranks.etp_group, ranks.etp_size,
+                                                         ranks.etp_rank == 0)
+    if ranks.etp_rank != 0:
+        return
+    for source, hf in zip(lp.sources, local_shards_to_hf(rule, shards, geo)):
+        per_ep = comm.gather(hf, ranks.ep_group, ranks.ep_size, ranks.ep_rank == 0)
+        if ranks.ep_rank != 0:
+            continue
+        for ep, t in enumerate(per_ep):
+            expert = ep * lp.num_local_experts + lp.local_expert
+            submit(format_key(source.key, lp.layer, expert), t)
+
+
+def _groups(lps: list[LocalParam], budget: int) -> list[list[LocalParam]]:
+    """Consecutive parameters of one (chunk, layer), split further to stay under ``budget`` bytes."""
+    groups: list[list[LocalParam]] = []
+    current_key, size = None, 0
+    for lp in lps:
+        key = (lp.chunk, lp.layer if lp.name.startswith("decoder.layers.") else lp.name.split(".")[0])
+        nbytes = lp.param.numel() * lp.param.element_size()
+        if not groups or key != current_key or (size + nbytes > budget and groups[-1]):
+            groups.append([])
+            current_key, size = key, 0
+        groups[-1].append(lp)
+        size += nbytes
+    return groups
+
+
+def write_hf_weights(chunks: list, config, settings, out_dir: str, *, dtype: torch.dtype,
+                     max_shard_size="5GB", thread_count: int = 1, params=None,
+                     group_bytes: int = 1 << 30) -> ShardPlan:
+    """Writes the model's weights as HF safetensors shards (+ index) into ``out_dir``.
+
+    Collective: every rank calls it. ``params`` supplies parameter values (default: the chunks'
+    own; ``mcore_io.CheckpointParams`` loads them group by group from a dist checkpoint).
+    """
+    params = params or LiveParams()
+    mapping = mapping_for(settings.family)
+    geo = geometry(config, settings)
+    lps = local_params(chunks, mapping, settings.share_embeddings_and_output_weights)
+    entries = [e for e in global_entries(lps, geo) if e.written]
+    plan = ShardPlan([(e.key, e.shape) for e in entries], dtype, parse_size(max_shard_size))
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        plan.create_files(out_dir)
+    _barrier()
+    ranks = _ranks()
+    writer = ShardWriter(plan, out_dir, thread_count) if ranks.writer else None
+    submit = writer.submit if writer is not None else None
+    groups = _groups(lps, group_bytes)
+    slots = len(groups)
+    if params.collective and dist.is_initialized():
+        slots = comm.max_int(slots)
+    try:
+        for s in range(slots):
+            group = groups[s] if s < len(groups) else []
+            params.materialize(group)
+            for lp in group:
+                if not lp.tied:
+                    _emit(lp, params.tensor(lp), geo, ranks, submit)
+            params.release(group)
+    finally:
+        if writer is not None:
+            writer.close()
+    written = sorted(writer.written) if writer is not None else []
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, written)
+        written = {k for w in everyone for k in w}
+    missing = sorted(set(plan.tensors) - set(written))
+    if missing:
+        raise RuntimeError(f"internal error: {len(missing)} planned tensors were not written: {missing[:5]}")
+    if rank == 0 and plan.sharded:
+        with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+            json.dump(plan.index(), f, indent=2)
+    _barrier()
+    return plan
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
