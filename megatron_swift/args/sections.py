@@ -97,6 +97,9 @@ class TemplateArguments:
     padding_free: bool = arg(True, help="Flatten batches without padding (THD format).")
     padding_side: str = arg("right", choices=("left", "right"), help="Padding side when padding is used.")
     loss_scale: str = arg("default", choices=LOSS_SCALES, help="Which tokens carry loss and with what weight.")
+    disable_ignore_empty_think: bool = arg(
+        False, help="Train the empty <think></think> block that hybrid-thinking templates (qwen3) put before "
+                    "answers without reasoning; by default it carries no loss, as in ms-swift.")
     response_prefix: Optional[str] = arg(None, help="Prefix of every response; default: from the template.")
     template_backend: str = arg("swift", choices=("swift", "jinja"),
                                 help="Template backend (jinja is inference only).")
