@@ -455,3 +455,13 @@ def test_preference_and_kto_encoding(tokenizers):
     assert kto["label"] is False and "input_ids" in kto
     with pytest.raises(TemplateError, match="rejected_response"):
         template.encode({"messages": CONVERSATIONS["single"]}, mode="pair")
+
+
+def test_fingerprint_changes_with_what_changes_the_labels(tokenizers):
+    """Dataset caches are keyed by the template's fingerprint: a setting that changes the labels
+    must change it (a stale cache trained the empty think block after the default changed)."""
+    tok = tokenizers["qwen3"]
+    base = get_template(tok, "qwen3").fingerprint()
+    assert get_template(tok, "qwen3").fingerprint() == base
+    assert get_template(tok, "qwen3", disable_ignore_empty_think=True).fingerprint() != base
+    assert get_template(tok, "qwen3", loss_scale="last_round").fingerprint() != base

@@ -257,7 +257,7 @@ class Template:
         h.update(backend.to_str().encode() if backend is not None else repr(tok).encode())
         h.update(json.dumps([
             self.meta.name, self.system, self.max_length, self.truncation_strategy, self.loss_scale,
-            self.response_prefix, self.use_chat_template, self.template_backend,
+            self.response_prefix, self.use_chat_template, self.template_backend, self.ignore_empty_think,
             getattr(tok, "chat_template", None) if self.template_backend == "jinja" else None,
             _CODE_VERSION,
         ]).encode())
@@ -480,4 +480,4 @@ class Template:
         return self._tokenize_many([self.prompt_text(messages, tools)])[0]
 
 
-_CODE_VERSION = 2  # bump when encodings change (dataset cache fingerprints)
+_CODE_VERSION = 3  # bump when encodings change (dataset cache fingerprints)
