@@ -179,5 +179,6 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
         set_tensor_parallel_attributes(model)  # megatron-core < 0.17 marks TP weights only when it inits them
         _apply_rope_parameters(model, hf_config, settings)
         mask_padded_vocab(model, settings.vocab_size, settings.padded_vocab_size)
+        model.hf_vocab_size = settings.vocab_size  # the real vocabulary (model.vocab_size is the padded one)
         chunks.append(model if meta else model.to(get_platform().device))
     return chunks, config, settings
