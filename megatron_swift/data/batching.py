@@ -81,6 +81,8 @@ class Collator:
     fixed_length: Optional[int] = None
     # context parallelism: THD sequences are each padded to a multiple of 2 x CP (data/context_parallel.py)
     context_parallel_size: int = 1
+    # sequences per sample: 2 for preference pairs (chosen + rejected), for the schedule's shapes
+    sequences_per_sample: int = 1
 
     def __call__(self, items: Sequence[Any]) -> Dict[str, Any]:
         seqs, kto = _sequences(items)
@@ -90,14 +92,18 @@ class Collator:
         batch = self._thd(seqs) if thd else self._padded(seqs)
         if kto:
             batch["kto_label"] = torch.tensor(kto, dtype=torch.bool)
+        pairs = sum(1 for i in items if isinstance(i, dict) and "chosen_input_ids" in i)
+        if pairs:
+            batch["num_pairs"] = pairs  # sequences [0, pairs) chosen, [pairs, 2 x pairs) rejected
         return batch
 
     def schedule_shape(self, micro_batch_size: int, seq_length: int) -> tuple:
         """``(seq_length, micro_batch_size)`` to hand megatron's pipeline schedule: a THD micro batch
         is one row of ``fixed_length`` tokens."""
+        rows = micro_batch_size * self.sequences_per_sample
         if self.padding_free:
-            return (self.fixed_length or seq_length * micro_batch_size), 1
-        return (self.fixed_length or seq_length), micro_batch_size
+            return (self.fixed_length or seq_length * rows), 1
+        return (self.fixed_length or seq_length), rows
 
     # ------------------------------------------------------------------ layouts
     def _padded(self, seqs) -> Dict[str, Any]:

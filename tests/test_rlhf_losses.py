@@ -1,0 +1,134 @@
+"""DPO losses vs TRL's own code (``DPOTrainer._compute_loss`` run on random log-probs).
+
+Oracle: TRL 1.x's ``DPOTrainer._compute_loss`` called on a stand-in trainer whose model returns the
+given per-token log-probs (TRL computes sequence sums, log-ratios, the loss of each ``loss_type``,
+and its ``sft`` term = our ``rpo_alpha`` NLL). Where TRL 1.x differs on purpose
+(``alpha_divergence`` at alpha = 1 is its reverse-KL limit), the formula is written here from
+the paper / ms-swift. The parametrisation covers every loss type, so an implementation that ignores
+``loss_type`` fails (checked explicitly in ``test_loss_type_is_honoured``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_swift.rlhf.losses import DPO_LOSS_TYPES, DPOSettings, dpo_loss, dpo_micro_batch_loss
+
+trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+
+
+def _random_batch(pairs=6, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.zeros(2 * pairs, length, dtype=torch.long)
+    for i in range(2 * pairs):
+        start = int(torch.randint(2, 5, (1,), generator=g))
+        end = int(torch.randint(start + 1, length + 1, (1,), generator=g))
+        mask[i, start:end] = 1
+    token_logps = -torch.rand(2 * pairs, length - 1, generator=g, dtype=torch.float64) * 3
+    ref_token_logps = -torch.rand(2 * pairs, length - 1, generator=g, dtype=torch.float64) * 3
+    shift = mask[:, 1:].to(torch.float64)
+    return mask, token_logps * shift, ref_token_logps * shift
+
+
+def trl_loss(mask, token_logps, ref_logps, beta, loss_types, loss_weights, label_smoothing=0.0,
+             f_divergence_type="reverse_kl"):
+    """TRL's DPOTrainer._compute_loss on a stand-in trainer (precomputed reference log-probs)."""
+    n = mask.shape[0]
+    outputs = SimpleNamespace(log_probs=token_logps, entropy=torch.zeros_like(token_logps),
+                              mean_logits=torch.zeros_like(token_logps),
+                              is_top1=torch.zeros_like(token_logps, dtype=torch.bool))
+    accel = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accel, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type=f_divergence_type, f_alpha_divergence_coef=1.0,
+        loss_types=loss_types, loss_weights=loss_weights, beta=beta, label_smoothing=label_smoothing,
+        use_weighting=False, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+        args=SimpleNamespace(discopop_tau=0.05))
+    ref_seq = ref_logps.sum(1)
+    inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+              "ref_chosen_logps": ref_seq[:n // 2], "ref_rejected_logps": ref_seq[n // 2:]}
+    loss = trl_dpo.DPOTrainer._compute_loss(trainer, lambda **kw: outputs, inputs, False)
+    return loss, {k: v[-1] for k, v in trainer._metrics["train"].items()}
+
+
+def ours(mask, token_logps, ref_logps, settings):
+    n = mask.shape[0] // 2
+    seq, ref = token_logps.sum(1), ref_logps.sum(1)
+    tokens = mask[:, 1:].sum(1).to(seq.dtype)
+    loss, sums = dpo_micro_batch_loss(seq[:n], seq[n:], ref[:n], ref[n:], tokens[:n], tokens[n:], settings)
+    return loss, {k: float(v) / n for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("loss_type", [t for t in DPO_LOSS_TYPES])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
+def test_dpo_loss_types_match_trl(loss_type, label_smoothing):
+    if label_smoothing and loss_type not in ("robust", "exo_pair", "aot", "aot_unpaired"):
+        pytest.skip("TRL 1.x applies label smoothing to robust, exo_pair and aot only (sigmoid: see below)")
+    if loss_type == "exo_pair" and not label_smoothing:
+        pytest.skip("exo_pair needs label_smoothing > 0 (log 0 in TRL)")
+    mask, logps, ref = _random_batch(seed=hash(loss_type) % 1000)
+    beta = 0.3
+    want, want_metrics = trl_loss(mask, logps, ref, beta, [loss_type], [1.0], label_smoothing)
+    got, metrics = ours(mask, logps, ref, DPOSettings(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing))
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-12), (loss_type, float(got), float(want))  # TRL: fp32 epsilon
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"):
+        assert math.isclose(metrics[key], want_metrics[key], rel_tol=1e-6, abs_tol=1e-12), key  # TRL logs in fp32
+
+
+def test_loss_type_is_honoured():
+    """An implementation that trains sigmoid whatever --loss_type says fails here."""
+    mask, logps, ref = _random_batch(seed=3)
+    sigmoid, _ = ours(mask, logps, ref, DPOSettings(loss_type="sigmoid"))
+    for kind in ("hinge", "ipo", "apo_zero"):
+        got, _ = ours(mask, logps, ref, DPOSettings(loss_type=kind))
+        want, _ = trl_loss(mask, logps, ref, 0.1, [kind], [1.0])
+        assert torch.allclose(got, want, rtol=1e-12) and not torch.allclose(got, sigmoid, rtol=1e-3), kind
+
+
+def test_rpo_alpha_is_trl_sft_term():
+    mask, logps, ref = _random_batch(seed=5)
+    got, metrics = ours(mask, logps, ref, DPOSettings(beta=0.1, rpo_alpha=0.7))
+    want, _ = trl_loss(mask, logps, ref, 0.1, ["sigmoid", "sft"], [1.0, 0.7])
+    assert torch.allclose(got, want, rtol=1e-12)
+
+
+def test_js_divergence_matches_trl():
+    mask, logps, ref = _random_batch(seed=7)
+    got, _ = ours(mask, logps, ref, DPOSettings(f_divergence_type="js_divergence"))
+    want, _ = trl_loss(mask, logps, ref, 0.1, ["sigmoid"], [1.0], f_divergence_type="js_divergence")
+    assert torch.allclose(got, want, rtol=1e-12)
+
+
+def test_alpha_divergence_and_reference_free_formulas():
+    """alpha-divergence (alpha = 1; ms-swift / TRL < 1.0): h = e^{-Δ_r} - e^{-Δ_c}; reference_free: ref = 0."""
+    g = torch.Generator().manual_seed(1)
+    c, r, rc, rr = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4))
+    s = DPOSettings(beta=0.5, f_divergence_type="alpha_divergence")
+    losses, _, _ = dpo_loss(c, r, rc, rr, s)
+    h = torch.exp(-(r - rr)) - torch.exp(-(c - rc))
+    assert torch.allclose(losses, -F.logsigmoid(0.5 * h))
+    losses, cr, _ = dpo_loss(c, r, rc, rr, DPOSettings(beta=0.5, reference_free=True))
+    assert torch.allclose(losses, -F.logsigmoid(0.5 * (c - r))) and torch.allclose(cr, 0.5 * c)
+
+
+def test_sigmoid_label_smoothing_is_cdpo():
+    """conservative DPO (ms-swift, TRL < 1.0; TRL 1.x dropped it from sigmoid): -(1-e)logσ(βh) - e logσ(-βh)."""
+    g = torch.Generator().manual_seed(2)
+    c, r, rc, rr = (torch.randn(5, generator=g, dtype=torch.float64) for _ in range(4))
+    losses, _, _ = dpo_loss(c, r, rc, rr, DPOSettings(beta=0.3, label_smoothing=0.2))
+    h = (c - rc) - (r - rr)
+    assert torch.allclose(losses, -0.8 * F.logsigmoid(0.3 * h) - 0.2 * F.logsigmoid(-0.3 * h))
+
+
+def test_step_zero_is_ln2():
+    c = torch.randn(4, dtype=torch.float64)
+    r = torch.randn(4, dtype=torch.float64)
+    loss, sums = dpo_micro_batch_loss(c, r, c.clone(), r.clone(), torch.ones(4), torch.ones(4), DPOSettings())
+    assert math.isclose(float(loss), math.log(2), rel_tol=1e-12) and float(sums["rewards/margins"]) == 0.0
