@@ -26,8 +26,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: Optional
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    # .float() of fp32 logits is the same tensor and megatron's CE subtracts the max in place: clone
-    logits = logits.float().clone() if logits.dtype == torch.float32 else logits.float()
+    # megatron's CE takes [s, b, V/tp] contiguous and subtracts the max in place: nothing reads the
+    # logits after this (the policy's graph does not need its output_layer's output for backward)
+    logits = logits.transpose(0, 1).float().contiguous()
     if vocab_size is not None:
         shard = logits.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * shard
@@ -35,8 +36,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: Optional
             ids = torch.arange(start, start + shard, device=logits.device)
             logits = logits.masked_fill(ids >= vocab_size, float("-inf"))
     mask = labels.ne(IGNORE_INDEX)
-    # megatron's CE takes [s, b, V/tp] and [s, b]
-    ce = vocab_parallel_cross_entropy(logits.transpose(0, 1), labels.clamp(min=0).transpose(0, 1)).transpose(0, 1)
+    ce = vocab_parallel_cross_entropy(logits, labels.clamp(min=0).transpose(0, 1).contiguous()).transpose(0, 1)
     return -ce * mask
 
 
