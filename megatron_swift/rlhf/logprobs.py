@@ -28,7 +28,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: Optional
 
     # megatron's CE takes [s, b, V/tp] contiguous and subtracts the max in place: nothing reads the
     # logits after this (the policy's graph does not need its output_layer's output for backward)
-    logits = logits.transpose(0, 1).float().contiguous()
+    logits = logits.transpose(0, 1).float().contiguous()  # megatron's CE computes in fp32 whatever it gets
     if vocab_size is not None:
         shard = logits.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * shard
