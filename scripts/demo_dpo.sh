@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 OUT=${DEMO_OUT:-output/demo_dpo}
-ITERS=${DEMO_ITERS:-40}
+ITERS=${DEMO_ITERS:-60}  # DPO alone (--rpo_alpha none): the NLL term would lift both answers alike
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
 rm -rf "$OUT"
 
@@ -22,13 +22,14 @@ echo "== 3/5 megatron rlhf --rlhf_type dpo: TP=2 + SP on 2 CPU processes, paddin
 NPROC_PER_NODE=2 .venv/bin/megatron rlhf --rlhf_type dpo \
   --model "$OUT/tiny-qwen3" --dataset "$OUT/pairs.jsonl" --split_dataset_ratio 0 \
   --tensor_model_parallel_size 2 --sequence_parallel true --padding_free true \
-  --micro_batch_size 4 --global_batch_size 16 --train_iters "$ITERS" --beta 0.1 \
-  --lr 1e-3 --min_lr 1e-4 --lr_warmup_iters 3 --log_interval 5 \
+  --micro_batch_size 4 --global_batch_size 16 --train_iters "$ITERS" --beta 0.5 --rpo_alpha none \
+  --lr 2e-3 --min_lr 2e-4 --lr_warmup_iters 3 --log_interval 10 \
   --save "$OUT/dpo" --add_version false --save_interval 1000
 
 echo "== 4/5 megatron export: mcore checkpoint -> Hugging Face safetensors"
 .venv/bin/megatron export --mcore_model "$OUT/dpo" --to_hf true --output_dir "$OUT/dpo-hf"
 
-echo "== 5/5 after: the same measure on the DPO-trained model"
-.venv/bin/python -m megatron_swift.rlhf.demo preference --model "$OUT/dpo-hf" --data "$OUT/pairs.jsonl"
+echo "== 5/5 after: the same measure on the DPO-trained model, and how often its margin grew (reward accuracy)"
+.venv/bin/python -m megatron_swift.rlhf.demo preference --model "$OUT/dpo-hf" --data "$OUT/pairs.jsonl" \
+  --ref "$OUT/tiny-qwen3"
 echo "rewards/accuracies, rewards/margins per step: $OUT/dpo/logging.jsonl"

@@ -4,6 +4,7 @@
                 per-sequence sums for padded and THD micro batches
 * ``losses``    the DPO loss family (TRL's formulas, every ``--loss_type`` honoured)
 * ``reference`` the reference policy (one interface; today a frozen copy in the policy's layout)
-* ``step``      the forward step / loss hook the trainer's step runs under ``megatron rlhf``
-* ``settings``  the RLHF arguments, read once and typed
+* ``objective`` the forward step / loss hook the trainer's step runs under ``megatron rlhf``
+* ``settings``  the RLHF arguments, read once and typed; builds the objective and its reference
+* ``demo``      the DPO demo's data and preference measure (scripts/demo_dpo.sh)
 """

@@ -6,7 +6,7 @@ so raw log-probs compare fairly). ``preference``: with transformers, how often t
 chosen answer the higher log-prob, and the mean margin logp(chosen) - logp(rejected).
 
     python -m megatron_swift.rlhf.demo prepare --out DIR
-    python -m megatron_swift.rlhf.demo preference --model HF_DIR --data DIR/pairs.jsonl
+    python -m megatron_swift.rlhf.demo preference --model HF_DIR --data DIR/pairs.jsonl [--ref START_DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def prepare(out: str) -> dict:
     return {"model": model, "dataset": write_jsonl(os.path.join(out, "pairs.jsonl"), preference_rows())}
 
 
-def preference(model_dir: str, data: str) -> dict:
+def _margins(model_dir: str, data: str) -> list:
+    """logp(chosen) - logp(rejected) of each pair, by transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -58,8 +59,21 @@ def preference(model_dir: str, data: str) -> dict:
                 lp = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
                 logps.append(float(lp[mask].sum()))
             margins.append(logps[0] - logps[1])
-    return {"prefers_chosen": sum(m > 0 for m in margins) / len(margins),
-            "mean_margin": sum(margins) / len(margins), "pairs": len(margins)}
+    return margins
+
+
+def preference(model_dir: str, data: str, ref_dir: str = None) -> dict:
+    """How often the model gives the chosen answer the higher log-prob; with ``ref_dir`` also DPO's
+    reward accuracy: how often its margin grew over the reference's (the implicit reward
+    beta x (logp - logp_ref) of the chosen answer beats the rejected one's)."""
+    margins = _margins(model_dir, data)
+    out = {"prefers_chosen": sum(m > 0 for m in margins) / len(margins),
+           "mean_margin": round(sum(margins) / len(margins), 4), "pairs": len(margins)}
+    if ref_dir:
+        grew = [m - r for m, r in zip(margins, _margins(ref_dir, data))]
+        out["reward_accuracy"] = sum(g > 0 for g in grew) / len(grew)
+        out["mean_margin_gain"] = round(sum(grew) / len(grew), 4)
+    return out
 
 
 def main(argv=None) -> int:
@@ -69,11 +83,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("preference")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
+    p.add_argument("--ref", help="the starting model: also report the reward accuracy against it")
     args = parser.parse_args(argv)
     if args.cmd == "prepare":
         print(json.dumps(prepare(args.out)))
     else:
-        print(json.dumps(preference(args.model, args.data)))
+        print(json.dumps(preference(args.model, args.data, args.ref)))
     return 0
 
 

@@ -77,7 +77,8 @@ def build_reference(policy_chunks: list, hf_config, overrides: dict, where: str,
                     ref_load=None, policy_is_start: bool = True, model_dir=None) -> FrozenModelReference:
     """The reference model in the policy's layout. Weights, first that applies: ``--ref_model``'s
     safetensors, ``--ref_load``'s mcore checkpoint, the policy's current weights when they are its
-    starting weights (a fresh run), else ``--model``'s safetensors (a resumed run)."""
+    starting weights (a fresh run, or DPO starting from an SFT checkpoint), else ``--model``'s
+    safetensors (a resumed DPO run)."""
     import glob
     import os
 

@@ -166,8 +166,13 @@ def run_training(args) -> int:
     if settings.command == "rlhf":  # DPO: the loss hook and its reference model (megatron_swift/rlhf)
         from megatron_swift.rlhf.settings import build_objective, rlhf_settings
 
+        from megatron_swift.checkpoint.layout import read_args_json
+
+        # a resumed DPO run's weights are trained: the reference is not the policy then (an SFT
+        # checkpoint given to --load is: DPO starts from it)
+        resumed_rlhf = bool(start) and read_args_json(os.path.dirname(loaded.directory)).get("command") == "rlhf"
         objective = build_objective(rlhf_settings(args), ddp_chunks, hf_config, overrides, where,
-                                    policy_is_start=start == 0, model_dir=source.model_dir, use_hf=source.use_hf,
+                                    policy_is_start=not resumed_rlhf, model_dir=source.model_dir, use_hf=source.use_hf,
                                     hub_token=source.hub_token, vocab_size=gpt_settings.vocab_size)
 
     save_dir = save_dir_of(settings)
