@@ -48,9 +48,12 @@ def test_dpo_settings_defaults_and_aliases(model_and_data):
 
 
 @pytest.mark.parametrize("extra, names", [
-    (["--rlhf_type", "kto"], ["--rlhf_type kto", "not built"]),
     (["--rlhf_type", "rm"], ["--rlhf_type rm", "not built"]),
-    (["--desirable_weight", "2"], ["--desirable_weight", "does not apply"]),
+    (["--rlhf_type", "grpo", "--reward_funcs", "accuracy"], ["--rlhf_type grpo", "not built"]),
+    (["--desirable_weight", "2"], ["--desirable_weight", "does not apply to --rlhf_type dpo"]),
+    (["--rlhf_type", "kto", "--micro_batch_size", "2", "--rpo_alpha", "0.5"], ["--rpo_alpha", "kto"]),
+    (["--rlhf_type", "kto", "--micro_batch_size", "2", "--reference_free", "true"], ["--reference_free"]),
+    (["--rlhf_type", "kto"], ["--micro_batch_size", ">= 2", "apo_zero_unpaired"]),
     (["--simpo_gamma", "0.5"], ["--simpo_gamma"]),
     (["--num_generations", "4"], ["--num_generations"]),
     (["--ref_adapter_load", "x"], ["--ref_adapter_load"]),

@@ -129,3 +129,37 @@ def dpo_micro_batch_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tenso
         loss = loss + settings.rpo_alpha * nll
         sums["nll_loss"] = nll.detach() * losses.numel()  # reported per pair like the rest
     return loss, sums
+
+
+# ------------------------------------------------------------------------------------------ KTO
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass(frozen=True)
+class KTOSettings:
+    beta: float = 0.1
+    loss_type: str = "kto"
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+
+    @property
+    def uses_kl(self) -> bool:
+        return self.loss_type != "apo_zero_unpaired"
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor,
+             settings: KTOSettings):
+    """TRL's KTO (``KTOTrainer._compute_loss``): per-sample losses ``[N]`` (weighted), rewards ``[N]``.
+    ``kl``: the detached, clamped KL estimate z (0 for apo_zero_unpaired)."""
+    beta = settings.beta
+    logratios = logps - ref_logps
+    if settings.loss_type == "kto":
+        chosen = 1 - torch.sigmoid(beta * (logratios - kl))
+        rejected = 1 - torch.sigmoid(beta * (kl - logratios))
+    elif settings.loss_type == "apo_zero_unpaired":
+        chosen = 1 - torch.sigmoid(beta * logratios)
+        rejected = torch.sigmoid(beta * logratios)
+    else:
+        raise ValueError(f"unknown KTO loss_type {settings.loss_type!r}; expected one of {KTO_LOSS_TYPES}")
+    losses = torch.where(desirable, settings.desirable_weight * chosen, settings.undesirable_weight * rejected)
+    return losses, beta * logratios.detach()

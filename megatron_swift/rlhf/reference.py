@@ -35,7 +35,7 @@ def _model_inputs(model, batch: dict) -> dict:
 
 def _store_reference_logps(batch: dict, vocab_size: int, logits: torch.Tensor):
     with torch.no_grad():
-        n = 2 * batch["num_pairs"]
+        n = batch["num_sequences"]
         batch["ref_logps"] = sequence_sums(token_logps(logits, batch["labels"], vocab_size), batch, n).detach()
     zero = torch.zeros((), device=logits.device)
     return zero, torch.tensor(1, dtype=torch.int), {}
