@@ -51,11 +51,11 @@ def setup(tmp_path_factory):
     return root, model, data
 
 
-def run(setup, name, *extra, nproc=1):
+def run(setup, name, *extra, nproc=1, global_batch=4):
     root, model, data = setup
     save = root / name
     proc = megatron("rlhf", "--rlhf_type", "dpo", "--model", model, "--dataset", data, "--micro_batch_size", "2",
-                    "--global_batch_size", "4", "--train_iters", "3", "--lr", "1e-3", "--log_interval", "1",
+                    "--global_batch_size", str(global_batch), "--train_iters", "3", "--lr", "1e-3", "--log_interval", "1",
                     "--save", save, "--add_version", "false", "--split_dataset_ratio", "0", "--max_length", "64",
                     "--save_interval", "1000", *extra, nproc=nproc, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -120,3 +120,54 @@ def test_dpo_layouts_match_one_process_and_transformers(setup):
         for step, (got, ref) in enumerate(zip(logs, base), 1):
             for key in KEYS:
                 assert close(got[key], ref[key]), (name, step, key, got[key], ref[key])
+
+
+# ------------------------------------------------------------------------------------------ KTO
+def kto_rows():
+    rows = []
+    for i, pair in enumerate(pair_rows()):
+        rows.append({"messages": pair["messages"], "label": True})
+        rows.append({"messages": pair["messages"][:-1] + [{"role": "assistant", "content": pair["rejected_response"]}],
+                     "label": False})
+    return rows
+
+
+def test_kto_layouts_match_one_process_and_transformers(setup):
+    """KTO at step 1: z = 0 and every sample's loss 1 - σ(0) = 0.5 (weights 1); step-1 log-probs of the
+    desirable / undesirable samples vs transformers (global batch = the 8 samples); PP2 (padded) equals
+    one process (THD) over 3 steps."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_swift.args import parse_args
+    from megatron_swift.demo import write_jsonl
+    from megatron_swift.template import template_from_args
+
+    root, model_dir, _ = setup
+    data = write_jsonl(str(root / "kto.jsonl"), kto_rows())
+    kto_setup = (root, model_dir, data)
+    base, _ = run(kto_setup, "kto_tp1", "--rlhf_type", "kto", "--padding_free", "true", global_batch=8)
+    first = base[0]
+    assert math.isclose(first["loss"], 0.5, abs_tol=1e-6) and first["kl"] == 0.0
+    assert first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    assert base[-1]["loss"] < 0.5 and base[-1]["rewards/chosen"] > base[-1]["rewards/rejected"]
+
+    args = parse_args("rlhf", ["--model", model_dir, "--dataset", data, "--max_length", "64", "--train_iters", "1",
+                               "--rlhf_type", "kto", "--micro_batch_size", "2"], world_size=1)
+    template = template_from_args(args, AutoTokenizer.from_pretrained(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sums = {True: [], False: []}
+    with torch.no_grad():
+        for row in kto_rows():
+            enc = template.encode(row, "kto")
+            ids = torch.tensor([enc["input_ids"]])
+            labels = torch.tensor(enc["labels"])[1:]
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+            sums[row["label"]].append(float(logp[labels.ne(-100)].sum()))
+    assert close(first["logps/chosen"], sum(sums[True]) / 4) and close(first["logps/rejected"], sum(sums[False]) / 4)
+
+    pp2, _ = run(kto_setup, "kto_pp2", "--rlhf_type", "kto", "--pipeline_model_parallel_size", "2",
+                 "--padding_free", "false", nproc=2, global_batch=8)
+    for step, (got, ref) in enumerate(zip(pp2, base), 1):
+        for key in ("loss", "grad_norm", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl"):
+            assert close(got[key], ref[key]), (step, key, got[key], ref[key])

@@ -132,3 +132,63 @@ def test_step_zero_is_ln2():
     r = torch.randn(4, dtype=torch.float64)
     loss, sums = dpo_micro_batch_loss(c, r, c.clone(), r.clone(), torch.ones(4), torch.ones(4), DPOSettings())
     assert math.isclose(float(loss), math.log(2), rel_tol=1e-12) and float(sums["rewards/margins"]) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ KTO
+trl_kto = pytest.importorskip("trl.trainer.kto_trainer")
+
+
+def trl_kto_loss(mask, token_logps, ref_logps, kl_token_logps, ref_kl_logps, desirable, beta, loss_type,
+                 dw=1.0, uw=1.0):
+    """TRL's KTOTrainer._compute_loss on a stand-in trainer (precomputed reference log-probs)."""
+    n = mask.shape[0]
+    main = SimpleNamespace(log_probs=token_logps, entropy=torch.zeros_like(token_logps),
+                           mean_logits=torch.zeros_like(token_logps))
+    kl = SimpleNamespace(log_probs=kl_token_logps)
+    kl_ids = torch.ones_like(mask)
+    accel = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accel, aux_loss_enabled=False, precompute_ref_logps=True,
+        calculate_KL=loss_type == "kto", loss_type=loss_type, beta=beta, desirable_weight=dw,
+        undesirable_weight=uw, _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
+    trainer._compute_kl_logps = lambda model, batch: trl_kto.KTOTrainer._compute_kl_logps(trainer, model, batch)
+    inputs = {"input_ids": torch.zeros_like(mask), "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(mask), "KL_completion_mask": mask,
+              "label": desirable, "ref_logps": ref_logps, "ref_KL_logps": ref_kl_logps}
+
+    def model(**kw):
+        return kl if kw["input_ids"] is kl_ids else main
+
+    return trl_kto.KTOTrainer._compute_loss(trainer, model, inputs, False)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_kto_losses_match_trl(loss_type, megatron_world1):
+    from megatron_swift.rlhf.losses import KTOSettings, kto_loss
+    from megatron_swift.rlhf.objective import kto_kl_estimate
+
+    mask, logps, _ = _random_batch(pairs=4, seed=11)  # 8 samples
+    _, kl_logps, _ = _random_batch(pairs=4, seed=12)
+    g = torch.Generator().manual_seed(13)
+    ref = logps.sum(1) + torch.randn(8, generator=g, dtype=torch.float64)
+    ref_kl = kl_logps.sum(1) - torch.rand(8, generator=g, dtype=torch.float64)  # z > 0: the clamp is not hit
+    desirable = torch.tensor([True, False, True, True, False, False, True, False])
+    settings = KTOSettings(beta=0.3, loss_type=loss_type, desirable_weight=1.5, undesirable_weight=0.7)
+    want = trl_kto_loss(mask, logps, ref, kl_logps, ref_kl, desirable, 0.3, loss_type, 1.5, 0.7)
+    z = kto_kl_estimate(kl_logps.sum(1), ref_kl) if settings.uses_kl else torch.zeros((), dtype=torch.float64)
+    assert settings.uses_kl == (float(z) > 0)
+    losses, _ = kto_loss(logps.sum(1), ref, desirable, z, settings)
+    assert torch.allclose(losses.mean(), want.to(losses.dtype), rtol=1e-6), (float(losses.mean()), float(want))
+
+
+def test_kto_kl_sequences_rotate_completions():
+    from megatron_swift.data.batching import kl_sequences
+
+    seqs = [([1, 2, 3, 10, 11], [-100, -100, -100, 10, 11]), ([4, 5, 20, 21, 22, 23], [-100, -100, 20, 21, 22, 23]),
+            ([6, 30], [-100, 30])]
+    kl = kl_sequences(seqs)
+    assert kl[0] == ([1, 2, 3, 30], [-100, -100, -100, 30])  # prompt 0 + completion 2
+    assert kl[1] == ([4, 5, 10, 11], [-100, -100, 10, 11])  # prompt 1 + completion 0
+    assert kl[2] == ([6, 20, 21, 22, 23], [-100, 20, 21, 22, 23])  # prompt 2 + completion 1
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        kl_sequences(seqs[:1])
