@@ -123,7 +123,8 @@ class Collator:
             batch["num_pairs"] = pairs  # sequences [0, pairs) chosen, [pairs, 2 x pairs) rejected
         if kto:
             batch["num_samples"] = num_samples  # KTO: [0, n) the samples, [n, 2n) their KL sequences
-        batch["num_sequences"] = len(seqs)  # real sequences, in collation order (a THD padding segment follows)
+        if pairs or kto:  # preference batches: real sequences in collation order (THD: padding segment after)
+            batch["num_sequences"] = len(seqs)
         return batch
 
     def schedule_shape(self, micro_batch_size: int, seq_length: int) -> tuple:
