@@ -29,7 +29,8 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab_size: Optional
     # megatron's CE takes [s, b, V/tp] contiguous and subtracts the max in place: nothing reads the
     # logits after this (the policy's graph does not need its output_layer's output for backward)
     logits = logits.transpose(0, 1).float().contiguous()  # megatron's CE computes in fp32 whatever it gets
-    if vocab_size is not None:
+    if vocab_size is not None:  # the model's output-layer hook (model/padded_vocab.py) does it too; this
+        # keeps token_logps right for any logits given to it
         shard = logits.shape[-1]
         start = ps.get_tensor_model_parallel_rank() * shard
         if start + shard > vocab_size:
