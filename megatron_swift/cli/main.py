@@ -3,7 +3,7 @@
 Parses and validates the arguments (no torch / megatron-core import), relaunches under torchrun
 when ``NPROC_PER_NODE``/``NNODES`` ask for it, then dispatches: ``pt``/``sft`` call
 ``megatron_swift.trainer.run_training(args)``, ``export`` calls ``megatron_swift.export.run_export(args)``;
-``rlhf`` (DPO) runs the trainer with the DPO objective (megatron_swift/rlhf).
+``rlhf`` (DPO, KTO) runs the trainer with its objective (megatron_swift/rlhf).
 Argument errors print ``megatron <cmd>: error: <message>`` to stderr and exit with code 2.
 """
 from __future__ import annotations

@@ -163,13 +163,12 @@ def run_training(args) -> int:
                        source.model_dir or source.model)
 
     objective = None
-    if settings.command == "rlhf":  # DPO: the loss hook and its reference model (megatron_swift/rlhf)
+    if settings.command == "rlhf":  # DPO / KTO: the loss hook and its reference model (megatron_swift/rlhf)
+        from megatron_swift.checkpoint.layout import read_args_json
         from megatron_swift.rlhf.settings import build_objective, rlhf_settings
 
-        from megatron_swift.checkpoint.layout import read_args_json
-
-        # a resumed DPO run's weights are trained: the reference is not the policy then (an SFT
-        # checkpoint given to --load is: DPO starts from it)
+        # a resumed DPO/KTO run's weights are trained: the reference is not the policy then (an SFT
+        # checkpoint given to --load is: preference training starts from it)
         resumed_rlhf = bool(start) and read_args_json(os.path.dirname(loaded.directory)).get("command") == "rlhf"
         objective = build_objective(rlhf_settings(args), ddp_chunks, hf_config, overrides, where,
                                     policy_is_start=not resumed_rlhf, model_dir=source.model_dir, use_hf=source.use_hf,
