@@ -72,7 +72,7 @@ def _validation_reads(args) -> set:
     return recorder.read
 
 
-@pytest.mark.parametrize("command", ["sft", "pt"])
+@pytest.mark.parametrize("command", ["sft", "pt", "rlhf"])
 def test_every_training_argument_is_read_or_refused(command, model_and_data, megatron_world1, tmp_path):
     from transformers import AutoTokenizer
 
@@ -88,11 +88,20 @@ def test_every_training_argument_is_read_or_refused(command, model_and_data, meg
     (load / "iter_0000002").mkdir(parents=True)
     (load / "iter_0000002" / "metadata.json").write_text("{}")
     (load / "latest_checkpointed_iteration.txt").write_text("2")
+    if command == "rlhf":  # DPO pairs
+        rows = [json.loads(line) for line in open(data)]
+        data = str(tmp_path / "pairs.jsonl")
+        with open(data, "w") as f:
+            f.writelines(json.dumps(dict(r, rejected_response=f"no {i}")) + "\n" for i, r in enumerate(rows))
     args = parse_args(command, ["--model", model, "--dataset", data, "--train_iters", "2", "--max_length", "64",
                                 "--save", str(tmp_path / "out"), "--split_dataset_ratio", "0",
                                 "--global_batch_size", "2", "--load", str(load)], world_size=1)
     recorder = Recorder(args)
     training_settings(recorder)
+    if command == "rlhf":
+        from megatron_swift.rlhf.settings import rlhf_settings
+
+        rlhf_settings(recorder)
     prepare_run_environment(recorder)
     DataOptions.from_args(recorder)
     tokenizer = AutoTokenizer.from_pretrained(model)

@@ -132,8 +132,9 @@ def test_lora_lr_and_command_defaults(model, tmp_path):
     assert rlhf.rlhf_type == "dpo" and rlhf.loss_scale == "last_round" and rlhf.calculate_per_token_loss is False
     assert rlhf.beta == 0.1 and rlhf.loss_type == "sigmoid" and rlhf.ref_load == load
     assert rlhf.desirable_weight == 1.0 and rlhf.label_smoothing == 0.0 and rlhf.f_divergence_type == "reverse_kl"
-    grpo = sft(model, "--rlhf_type", "grpo", "--reward_funcs", "accuracy", "format", command="rlhf")
-    assert grpo.beta == 0.04 and grpo.loss_type == "grpo" and grpo.reward_funcs == ["accuracy", "format"]
+    # GRPO is not built: refused by name (its defaults are filled first, so --loss_type grpo is valid for it)
+    assert "--rlhf_type grpo: not built" in error_of(sft, model, "--rlhf_type", "grpo", "--reward_funcs", "accuracy",
+                                                     "format", command="rlhf")
     export = parse_args("export", ["--model", model, "--to_mcore", "true"], world_size=1)
     assert isinstance(export, ExportCommandArguments)
     assert export.max_shard_size == "5GB" and export.safe_serialization is True and export.exist_ok is False
@@ -158,7 +159,9 @@ def test_list_dict_bool_none_parsing(model):
     assert args.recompute_method == "uniform" and args.min_lr == 1e-7 and args.lr == 2e-5
     assert set(args.explicit_args) >= {"dataset", "columns", "recompute_granularity", "recompute_method"}
     assert sft(model, "--rope_scaling", "yarn").rope_scaling == "yarn"
-    assert sft(model, "--system", "-- be brief --", "--top_k", "-1", command="rlhf").system == "-- be brief --"
+    assert sft(model, "--system", "-- be brief --").system == "-- be brief --"
+    # "-1" is --top_k's value (refused only because sampling options do not apply to DPO)
+    assert error_of(sft, model, "--top_k", "-1", command="rlhf").startswith("argument --top_k: does not apply")
     assert sft(model, "--response_prefix=--x").response_prefix == "--x"
     assert sft(model, "--torch_dtype", "fp16").torch_dtype == "float16"
 
@@ -487,9 +490,9 @@ def test_sft_dispatches_to_trainer(model, clean_env, monkeypatch):
 
 
 def test_not_built_and_errors_in_process(model, clean_env, capsys):
-    rc = cli_main.main(["rlhf", "--model", model, "--dataset", "d", "--train_iters", "3"])
+    rc = cli_main.main(["rlhf", "--rlhf_type", "rm", "--model", model, "--dataset", "d", "--train_iters", "3"])
     err = capsys.readouterr().err
-    assert rc == 2 and "megatron rlhf is not built yet in this version (see README: roadmap)." in err
+    assert rc == 2 and err.startswith("megatron rlhf: error: argument --rlhf_type rm: not built yet")
     rc = cli_main.main(["rlhf", "--model", model, "--dataset", "d", "--train_iters", "3", "--beta", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("megatron rlhf: error: argument --beta")
@@ -534,8 +537,9 @@ def test_nproc_per_node_relaunches_under_torchrun(tmp_path):
     argv = ["rlhf", "--model", model, "--dataset", "d", "--train_iters", "3"]
     out = subprocess.run(MEGATRON + argv, capture_output=True, text=True, timeout=120,
                          env=worker_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port())))
-    message = "megatron rlhf is not built yet in this version (see README: roadmap)."
-    assert out.returncode == 2, out.stderr
+    # the config has no model_type: each worker fails reading it (after the relaunch)
+    message = "megatron rlhf: error: Unrecognized model in"
+    assert out.returncode != 0, out.stderr
     assert out.stderr.count(message) == 2, out.stderr  # one per torchrun worker
     # validation happens before the relaunch: a bad TP never reaches torchrun
     out = subprocess.run(MEGATRON + argv + ["--tensor_model_parallel_size", "4"], capture_output=True, text=True,

@@ -352,7 +352,7 @@ class TunerArguments:
 
 RLHF_TYPES = ("dpo", "orpo", "simpo", "kto", "cpo", "rm", "ppo", "grpo", "gkd")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-                  "aot_pair", "discopop", "apo_zero", "apo_down")
+                  "aot_unpaired", "aot_pair", "discopop", "apo_zero", "apo_down")  # aot_pair: old name of aot_unpaired
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 

@@ -223,6 +223,48 @@ def _backend(args, caps):
     return None
 
 
+# megatron rlhf: what DPO reads (megatron_swift/rlhf/settings.py); every other RLHF argument belongs
+# to a type that is not built and is refused when given
+BUILT_RLHF = ("dpo", "kto")
+COMMON_FIELDS = ("rlhf_type", "ref_load", "ref_model", "beta", "loss_type")
+DPO_ONLY = ("rpo_alpha", "reference_free", "label_smoothing", "f_divergence_type")
+KTO_ONLY = ("desirable_weight", "undesirable_weight")
+
+
+def _rlhf_only_fields() -> tuple:
+    import dataclasses
+
+    from megatron_swift.args.sections import RLHFArguments
+
+    used = COMMON_FIELDS + DPO_ONLY + KTO_ONLY
+    return tuple(f.name for f in dataclasses.fields(RLHFArguments) if f.name not in used)
+
+
+def _rlhf(args, caps):
+    kind = args.rlhf_type
+    if kind not in BUILT_RLHF:
+        return (f"argument --rlhf_type {kind}: not built yet in this version; --rlhf_type dpo and kto are "
+                f"(rm is planned next, grpo/gkd/ppo/orpo/simpo/cpo later)")
+    other = KTO_ONLY if kind == "dpo" else DPO_ONLY
+    given = [n for n in _rlhf_only_fields() + other if _given(args, n)]
+    if given:
+        return f"argument --{given[0]}: does not apply to --rlhf_type {kind}"
+    if kind == "kto" and args.loss_type != "apo_zero_unpaired" and args.micro_batch_size < 2:
+        return ("argument --micro_batch_size: KTO's KL term pairs each prompt with another sample's completion "
+                "inside the micro batch: use --micro_batch_size >= 2 (or --loss_type apo_zero_unpaired, which "
+                "has no KL term)")
+    if args.reference_free and (args.ref_model or _given(args, "ref_load")):
+        name = "ref_model" if args.ref_model else "ref_load"
+        return f"argument --{name}: --reference_free true uses no reference model"
+    if args.context_parallel_size > 1:
+        return ("argument --context_parallel_size: RLHF log-probs under context parallelism are not built; use "
+                "tensor/pipeline parallelism (with --sequence_parallel) instead")
+    if args.packing:
+        return ("argument --packing: RLHF keeps each pair (KTO: sample and KL sequence) in its micro batch; use "
+                "--padding_free true (one THD row per micro batch) instead of packing")
+    return None
+
+
 def _export_only(args, caps):
     if args.merge_lora or args.mcore_adapters:
         name = "merge_lora" if args.merge_lora else "mcore_adapters"
@@ -265,6 +307,7 @@ RULES = (
     Rule(("position_embedding_type", "rotary_percent", "swiglu", "disable_bias_linear"), TRAIN, _model_shape),
     Rule(("report_to",), TRAIN, _report_to),
     Rule(("distributed_backend",), ALL, _backend),
+    Rule(_rlhf_only_fields(), ("rlhf",), _rlhf),  # + DPO_ONLY / KTO_ONLY when given to the other type
     Rule(("merge_lora", "mcore_adapters", "safe_serialization", "push_to_hub", "hub_model_id", "hub_private_repo",
           "commit_message", "sequence_parallel", "rope_scaling"), ("export",), _export_only),
 )

@@ -3,7 +3,7 @@
 Parses and validates the arguments (no torch / megatron-core import), relaunches under torchrun
 when ``NPROC_PER_NODE``/``NNODES`` ask for it, then dispatches: ``pt``/``sft`` call
 ``megatron_swift.trainer.run_training(args)``, ``export`` calls ``megatron_swift.export.run_export(args)``;
-``rlhf`` is not built yet.
+``rlhf`` (DPO, KTO) runs the trainer with its objective (megatron_swift/rlhf).
 Argument errors print ``megatron <cmd>: error: <message>`` to stderr and exit with code 2.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from megatron_swift.args import (COMMANDS, ArgumentError, format_command_help, f
                                  relaunch_requested)
 from megatron_swift.cli.launch import apply_runtime_environment, record_exit_code, relaunch
 
-NOT_BUILT = ("rlhf",)
+NOT_BUILT: tuple = ()  # commands parsed but not built (rlhf types not built are refused in args/support.py)
 
 
 def _error(prog: str, message: str) -> int:

@@ -61,6 +61,25 @@ def _sequences(items: Sequence[Any]) -> tuple:
     return seqs + rejected, kto
 
 
+def kl_sequences(seqs: List[tuple]) -> List[tuple]:
+    """KTO's KL sequences: sample i's prompt with sample (i-1)'s completion (tokens; the completion
+    starts at the first label), cut to the longest sample so the micro batch keeps its shape."""
+    if len(seqs) < 2:
+        raise ValueError("KTO's KL term needs at least 2 samples per micro batch (--micro_batch_size >= 2)")
+    parts = []
+    for ids, lab in seqs:
+        start = next((i for i, t in enumerate(lab) if t != IGNORE_INDEX), len(lab))
+        parts.append((list(ids[:start]), list(ids[start:]), list(lab[start:])))
+    longest = max(len(ids) for ids, _ in seqs)
+    out = []
+    for i, (prompt, _, _) in enumerate(parts):
+        _, c_ids, c_lab = parts[i - 1]
+        ids = (prompt + c_ids)[:longest]
+        lab = ([IGNORE_INDEX] * len(prompt) + c_lab)[:longest]
+        out.append((ids, lab))
+    return out
+
+
 def _round_up(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple) if multiple > 1 else n
 
@@ -81,23 +100,40 @@ class Collator:
     fixed_length: Optional[int] = None
     # context parallelism: THD sequences are each padded to a multiple of 2 x CP (data/context_parallel.py)
     context_parallel_size: int = 1
+    # sequences per sample: 2 for preference pairs (chosen + rejected) and KTO with its KL term, for
+    # the schedule's shapes
+    sequences_per_sample: int = 1
+    # KTO's KL term: after the micro batch's samples come mismatched (prompt_i, completion_{i-1})
+    # sequences (the micro batch's completions rotated by one, as TRL does within its batch)
+    kto_kl: bool = False
 
     def __call__(self, items: Sequence[Any]) -> Dict[str, Any]:
         seqs, kto = _sequences(items)
         if not seqs:
             raise ValueError("empty micro batch")
+        num_samples = len(seqs)
+        if kto and self.kto_kl:
+            seqs = seqs + kl_sequences(seqs)
         thd = self.padding_free or any(isinstance(i, (list, tuple)) for i in items)
         batch = self._thd(seqs) if thd else self._padded(seqs)
         if kto:
             batch["kto_label"] = torch.tensor(kto, dtype=torch.bool)
+        pairs = sum(1 for i in items if isinstance(i, dict) and "chosen_input_ids" in i)
+        if pairs:
+            batch["num_pairs"] = pairs  # sequences [0, pairs) chosen, [pairs, 2 x pairs) rejected
+        if kto:
+            batch["num_samples"] = num_samples  # KTO: [0, n) the samples, [n, 2n) their KL sequences
+        if pairs or kto:  # preference batches: real sequences in collation order (THD: padding segment after)
+            batch["num_sequences"] = len(seqs)
         return batch
 
     def schedule_shape(self, micro_batch_size: int, seq_length: int) -> tuple:
         """``(seq_length, micro_batch_size)`` to hand megatron's pipeline schedule: a THD micro batch
         is one row of ``fixed_length`` tokens."""
+        rows = micro_batch_size * self.sequences_per_sample
         if self.padding_free:
-            return (self.fixed_length or seq_length * micro_batch_size), 1
-        return (self.fixed_length or seq_length), micro_batch_size
+            return (self.fixed_length or seq_length * rows), 1
+        return (self.fixed_length or seq_length), rows
 
     # ------------------------------------------------------------------ layouts
     def _padded(self, seqs) -> Dict[str, Any]:

@@ -108,14 +108,17 @@ def collator_from_args(args, pad_token_id: int, max_length: Optional[int], pipel
     multiple = tp if getattr(args, "sequence_parallel", False) and tp > 1 else 1
     multiple *= 2 * cp if cp > 1 else 1  # each CP rank gets 2 chunks, each a multiple of the SP split
     thd = bool(getattr(args, "padding_free", True) or getattr(args, "packing", False))
+    mode = encode_mode(args)
+    kto_kl = mode == "kto" and getattr(args, "loss_type", None) != "apo_zero_unpaired"  # KTO's KL sequences
+    per_sample = 2 if mode == "pair" or kto_kl else 1  # a preference pair: chosen + rejected
     fixed = None
     if pipeline_fixed_shapes and (getattr(args, "pipeline_model_parallel_size", 1) or 1) > 1:
         if max_length is None:
             raise ValueError("pipeline parallelism needs fixed micro-batch shapes: set --max_length")
-        fixed = max_length * (getattr(args, "micro_batch_size", 1) if thd else 1)
+        fixed = max_length * (getattr(args, "micro_batch_size", 1) * per_sample if thd else 1)
         fixed = -(-fixed // multiple) * multiple
     return Collator(pad_token_id=pad_token_id, padding_free=thd, pad_to_multiple_of=multiple, fixed_length=fixed,
-                    context_parallel_size=cp)
+                    context_parallel_size=cp, sequences_per_sample=per_sample, kto_kl=kto_kl)
 
 
 def prepare_data(args, tokenizer, *, template=None, mode: Optional[str] = None, cache_dir: Optional[str] = None,

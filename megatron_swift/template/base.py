@@ -445,6 +445,8 @@ class Template:
                 raise TemplateError("no rejected_response for a preference row")
             if not messages or messages[-1]["role"] != "assistant":
                 raise TemplateError("the last message must be the chosen assistant response")
+            if rejected == messages[-1].get("content"):
+                raise TemplateError("the chosen and rejected responses are the same (nothing to prefer)")
             rejected_messages = list(messages[:-1]) + [{"role": "assistant", "content": rejected}]
             return {"chosen": self._plan_training(messages, tools),
                     "rejected": self._plan_training(rejected_messages, tools)}

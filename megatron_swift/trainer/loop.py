@@ -43,6 +43,9 @@ class LoopSettings:
     exit: ExitSettings = field(default_factory=ExitSettings)
     manual_gc_interval: Optional[int] = None  # collect every N steps (automatic GC is off)
     hf_export: Optional[object] = None  # writes <iter>-hf/ copies with --save_safetensors
+    # another objective than the LM loss (``megatron rlhf``: megatron_swift/rlhf/objective.py): its
+    # ``prepare(microbatches, seq_length, micro_batch_size)`` runs before each step (reference log-probs)
+    objective: Optional[object] = None
 
     # kept for callers that set them directly (tests, workers)
     log_interval: Optional[int] = None
@@ -132,8 +135,11 @@ def evaluate(ddp_chunks: list, eval_batches: Callable[[], Iterator[list]], setti
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
         for microbatches in eval_batches():
+            if settings.objective is not None:
+                settings.objective.prepare(microbatches, settings.seq_length, settings.micro_batch_size)
             result = forward_backward(ddp_chunks, _iterators(ddp_chunks, microbatches), len(microbatches),
-                                      settings.seq_length, settings.micro_batch_size, forward_only=True)
+                                      settings.seq_length, settings.micro_batch_size, forward_only=True,
+                                      objective=settings.objective)
             loss_sum += result.loss * result.num_tokens
             tokens += result.num_tokens
     for chunk in ddp_chunks:
@@ -190,9 +196,11 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
                 break
             data_seconds = time.time() - data_start
             profiler.before_step(state.iteration + 1)
+            if settings.objective is not None:
+                settings.objective.prepare(microbatches, settings.seq_length, settings.micro_batch_size)
             result = train_step(ddp_chunks, optimizer, _iterators(ddp_chunks, microbatches), len(microbatches),
                                 settings.seq_length, settings.micro_batch_size,
-                                loss_tokens=step_loss_tokens(microbatches))
+                                loss_tokens=step_loss_tokens(microbatches), objective=settings.objective)
             _check_finite(state.iteration + 1, result, checkpointer.last_saved)
             if (result.grad_norm == 0.0 and abs(result.loss - math.log(vocab)) < 1e-2 and not warned_uniform
                     and is_logging_rank()):
@@ -210,6 +218,7 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
             state.last = result
             state.losses.append(result.loss)
             extra = router_losses(ddp_chunks[0].config, len(microbatches))
+            extra.update(result.metrics)
             if settings.logging.log_params_norm:
                 from .step import params_norm
 

@@ -162,6 +162,18 @@ def run_training(args) -> int:
         logger.warning("%s has no *.safetensors and no --load was given: training from random init",
                        source.model_dir or source.model)
 
+    objective = None
+    if settings.command == "rlhf":  # DPO / KTO: the loss hook and its reference model (megatron_swift/rlhf)
+        from megatron_swift.checkpoint.layout import read_args_json
+        from megatron_swift.rlhf.settings import build_objective, rlhf_settings
+
+        # a resumed DPO/KTO run's weights are trained: the reference is not the policy then (an SFT
+        # checkpoint given to --load is: preference training starts from it)
+        resumed_rlhf = bool(start) and read_args_json(os.path.dirname(loaded.directory)).get("command") == "rlhf"
+        objective = build_objective(rlhf_settings(args), ddp_chunks, hf_config, overrides, where,
+                                    policy_is_start=not resumed_rlhf, model_dir=source.model_dir, use_hf=source.use_hf,
+                                    hub_token=source.hub_token, vocab_size=gpt_settings.vocab_size)
+
     save_dir = save_dir_of(settings)
     if ckpt.overwrite and not resume:
         _clear_previous_run(save_dir)
@@ -172,7 +184,7 @@ def run_training(args) -> int:
         seq_length=data.seq_length, save_dir=save_dir, checkpoint=ckpt, logging=settings.logging,
         eval_interval=settings.eval_interval, exit=settings.exit,
         manual_gc_interval=settings.manual_gc_interval if settings.manual_gc else None, hf_export=_hf_export(settings, config, gpt_settings, hf_config, data) if ckpt.save_safetensors
-        else None,
+        else None, objective=objective,
     )
     state = train(ddp_chunks, optimizer, scheduler, data.batches_for_step, loop, start_iteration=start,
                   eval_batches=data.eval_batches, data_cursor=data.cursor)

@@ -11,7 +11,7 @@ same objective.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Iterator, Optional
 
@@ -68,33 +68,44 @@ class StepResult:
     num_tokens: int  # loss tokens in the global batch
     grad_norm: Optional[float] = None
     update_successful: bool = True
+    # further per-step means a forward step reports as ``{name: [sum, count]}`` (e.g. DPO rewards)
+    metrics: dict = field(default_factory=dict)
 
 
-def _global_loss(losses_reduced: list) -> tuple[float, int]:
+def _global_loss(losses_reduced: list, metric_names: tuple = ()) -> tuple[float, int, dict]:
     """Sums (loss_sum, tokens) over microbatches, the pipeline (only the last stage has them)
-    and data-parallel ranks, so every rank returns the same global numbers."""
+    and data-parallel ranks, so every rank returns the same global numbers; the same for each
+    ``[sum, count]`` report named in ``metric_names`` (returned as means)."""
     from megatron.core import parallel_state as ps
 
     from megatron_swift.platform import get_platform
 
-    totals = torch.zeros(2, dtype=torch.float64, device=get_platform().device)
+    names = ("lm loss",) + tuple(metric_names)
+    totals = torch.zeros(len(names), 2, dtype=torch.float64, device=get_platform().device)
     for item in losses_reduced:
-        totals += item["lm loss"].to(totals)
+        for i, name in enumerate(names):
+            if name in item:
+                totals[i] += item[name].to(totals)
     torch.distributed.all_reduce(totals, group=ps.get_pipeline_model_parallel_group())
     torch.distributed.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
-    loss_sum, tokens = totals.tolist()
-    return loss_sum / max(tokens, 1.0), int(tokens)
+    values = totals.tolist()
+    loss_sum, tokens = values[0]
+    metrics = {name: s / c for name, (s, c) in zip(names[1:], values[1:]) if c > 0}
+    return loss_sum / max(tokens, 1.0), int(tokens), metrics
 
 
 def forward_backward(ddp_chunks: list, data_iterators, num_microbatches: int, seq_length: int,
-                     micro_batch_size: int, forward_only: bool = False) -> StepResult:
-    """Forward + backward of all microbatches (grads finalized: DP-reduced and token-scaled)."""
+                     micro_batch_size: int, forward_only: bool = False, objective=None) -> StepResult:
+    """Forward + backward of all microbatches (grads finalized: DP-reduced and token-scaled).
+
+    ``objective``: another training objective (``megatron rlhf``: megatron_swift/rlhf/objective.py),
+    with ``forward_step`` (megatron's forward step function) and ``metric_names`` (its reports)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if len(ddp_chunks) > 1 and not isinstance(data_iterators, list):
         raise ValueError("virtual pipeline needs one data iterator per model chunk")
     losses = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=objective.forward_step if objective is not None else forward_step,
         data_iterator=data_iterators,
         model=ddp_chunks,
         num_microbatches=num_microbatches,
@@ -102,8 +113,8 @@ def forward_backward(ddp_chunks: list, data_iterators, num_microbatches: int, se
         micro_batch_size=micro_batch_size,
         forward_only=forward_only,
     )
-    loss, tokens = _global_loss(losses)
-    return StepResult(loss=loss, num_tokens=tokens)
+    loss, tokens, metrics = _global_loss(losses, objective.metric_names if objective is not None else ())
+    return StepResult(loss=loss, num_tokens=tokens, metrics=metrics)
 
 
 def step_loss_tokens(microbatches: list) -> int:
@@ -120,7 +131,7 @@ def step_loss_tokens(microbatches: list) -> int:
 
 
 def train_step(ddp_chunks: list, optimizer, data_iterators, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, loss_tokens: Optional[int] = None) -> StepResult:
+               micro_batch_size: int, loss_tokens: Optional[int] = None, objective=None) -> StepResult:
     """``loss_tokens``: the global batch's loss tokens (:func:`step_loss_tokens`), needed by MoE
     models to give router losses the same weight in every layout (model/moe_router.py)."""
     from megatron.core import parallel_state as ps
@@ -132,7 +143,8 @@ def train_step(ddp_chunks: list, optimizer, data_iterators, num_microbatches: in
     zero_grads(ddp_chunks, optimizer)
     micro_batches = num_microbatches * ps.get_data_parallel_world_size()
     with router_loss_scale(loss_tokens, micro_batches) if loss_tokens is not None else contextlib.nullcontext():
-        result = forward_backward(ddp_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size)
+        result = forward_backward(ddp_chunks, data_iterators, num_microbatches, seq_length, micro_batch_size,
+                                  objective=objective)
     update_successful, grad_norm, _ = optimizer.step()
     result.update_successful = bool(update_successful)
     result.grad_norm = None if grad_norm is None else float(grad_norm)

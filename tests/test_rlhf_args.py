@@ -1,0 +1,67 @@
+"""`megatron rlhf` arguments: DPO's are read (defaults as ms-swift), the rest refused by name before
+any worker starts (no RLHF argument is parsed and ignored)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from megatron_swift.args import ArgumentError, parse_args
+
+
+@pytest.fixture
+def model_and_data(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "num_attention_heads": 4,
+        "num_key_value_heads": 2, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "head_dim": 16, "vocab_size": 1000, "torch_dtype": "float32"}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                "rejected_response": "b"}) + "\n")
+    return str(model), str(data)
+
+
+def rlhf(model_and_data, *extra, world_size=1):
+    model, data = model_and_data
+    return parse_args("rlhf", ["--model", model, "--dataset", data, "--train_iters", "2", *extra],
+                      world_size=world_size)
+
+
+def error(model_and_data, *extra, world_size=1) -> str:
+    with pytest.raises(ArgumentError) as info:
+        rlhf(model_and_data, *extra, world_size=world_size)
+    return str(info.value)
+
+
+def test_dpo_settings_defaults_and_aliases(model_and_data):
+    from megatron_swift.rlhf.settings import rlhf_settings
+
+    s = rlhf_settings(rlhf(model_and_data))
+    assert (s.rlhf_type, s.dpo.beta, s.dpo.loss_type, s.dpo.rpo_alpha, s.dpo.label_smoothing) == \
+        ("dpo", 0.1, "sigmoid", 1.0, 0.0)
+    assert s.dpo.f_divergence_type == "reverse_kl" and not s.dpo.reference_free and s.ref_load is None
+    s = rlhf_settings(rlhf(model_and_data, "--loss_type", "aot_pair", "--rpo_alpha", "none", "--beta", "0.3"))
+    assert s.dpo.loss_type == "aot_unpaired" and s.dpo.rpo_alpha is None and s.dpo.beta == 0.3
+
+
+@pytest.mark.parametrize("extra, names", [
+    (["--rlhf_type", "rm"], ["--rlhf_type rm", "not built"]),
+    (["--rlhf_type", "grpo", "--reward_funcs", "accuracy"], ["--rlhf_type grpo", "not built"]),
+    (["--desirable_weight", "2"], ["--desirable_weight", "does not apply to --rlhf_type dpo"]),
+    (["--rlhf_type", "kto", "--micro_batch_size", "2", "--rpo_alpha", "0.5"], ["--rpo_alpha", "kto"]),
+    (["--rlhf_type", "kto", "--micro_batch_size", "2", "--reference_free", "true"], ["--reference_free"]),
+    (["--rlhf_type", "kto"], ["--micro_batch_size", ">= 2", "apo_zero_unpaired"]),
+    (["--simpo_gamma", "0.5"], ["--simpo_gamma"]),
+    (["--num_generations", "4"], ["--num_generations"]),
+    (["--ref_adapter_load", "x"], ["--ref_adapter_load"]),
+    (["--reference_free", "true", "--ref_model", "m"], ["--ref_model", "--reference_free"]),
+    (["--packing", "true"], ["--packing", "--padding_free"]),
+    (["--loss_type", "kto"], ["--loss_type", "kto"]),
+])
+def test_not_built_is_refused_by_name(model_and_data, extra, names):
+    message = error(model_and_data, *extra)
+    for name in names:
+        assert name in message, message
