@@ -41,6 +41,7 @@ SETUPS = {s.name: s for s in [
     Setup("tp2_sp", 2, layout_matrix.TP2_SP),
     Setup("pp2", 2, layout_matrix.PP2),
     Setup("dp2_overlap", 2, layout_matrix.BY_NAME["dp2_overlap"].args),
+    Setup("pp2_vpp2", 2, layout_matrix.BY_NAME["pp2_vpp2"].args),
     Setup("ep2_dp2", 2, ("--expert_model_parallel_size", "2")),
     Setup("tp2_ep2_sp_etp1", 2, layout_matrix.TP2_SP + ("--expert_model_parallel_size", "2",
                                                         "--expert_tensor_parallel_size", "1")),
@@ -57,8 +58,10 @@ PAIRS = [
     ("moe", "ep2_dp2", "1proc", ("--use_distributed_optimizer", "false")),
     # saved between an optimizer step and the next forward's parameter all-gather
     ("dense", "dp2_overlap", "1proc", ()),
+    # two model chunks per rank: the optimizer state of both must be saved (it lost all but one)
+    ("dense", "pp2_vpp2", "1proc", ()), ("dense", "1proc", "pp2_vpp2", ("--use_distributed_optimizer", "false")),
 ]
-CI_PAIRS = [PAIRS[1], PAIRS[5], PAIRS[6], PAIRS[11], PAIRS[12]]
+CI_PAIRS = [PAIRS[1], PAIRS[5], PAIRS[6], PAIRS[11], PAIRS[12], PAIRS[13]]
 
 
 def _label(opt: tuple) -> str:

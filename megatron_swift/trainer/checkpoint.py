@@ -43,13 +43,6 @@ def _rank() -> int:
     return torch.distributed.get_rank()
 
 
-def _model_sharded_for_optimizer(model_state: dict) -> dict:
-    merged = {}
-    for value in model_state.values():
-        merged.update(value)
-    return merged
-
-
 def _materialize_optimizer_state(optimizer) -> None:
     """A fresh distributed optimizer has no Adam state yet, and its state_dict() (used to build
     the sharded dict to load into) asserts one; megatron's own dummy initialisation (zero-grad
@@ -77,8 +70,10 @@ class OptimizerStateMismatch(ValueError):
 def _state_dict(chunks, optimizer, scheduler, iteration, data_state, save_optim, save_rng, loading):
     state = model_sharded_state_dict(chunks)
     if optimizer is not None and save_optim:
+        # the chunks' dicts as they are ({"model0": ..., "model1": ...}): megatron walks nested values;
+        # merging them into one dict lost all but the last virtual-pipeline chunk (same local keys)
         state["optimizer"] = optimizer.sharded_state_dict(
-            _model_sharded_for_optimizer(state), is_loading=loading, metadata=OPTIM_METADATA)
+            dict(state), is_loading=loading, metadata=OPTIM_METADATA)
     if scheduler is not None and save_optim:
         state["opt_param_scheduler"] = scheduler.state_dict()
     if save_rng:
