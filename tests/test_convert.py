@@ -31,7 +31,7 @@ from megatron_swift.converters.mapping import GATE_UP, QKV, VOCAB, Rule, split_n
 from megatron_swift.converters.transforms import Geometry, hf_to_local, local_shards_to_hf
 
 WORKER = TESTS / "parallel" / "convert_worker.py"
-FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")
+FAMILIES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral")  # newer families: test_families.py
 TOL = 1e-4
 
 

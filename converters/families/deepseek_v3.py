@@ -3,9 +3,9 @@
 * Multi-head latent attention on megatron-core's own ``MLASelfAttention`` (``MLATransformerConfig``):
   ``q_a_proj`` / ``q_a_layernorm`` / ``q_b_proj`` (or ``q_proj`` when ``q_lora_rank`` is None),
   ``kv_a_proj_with_mqa`` / ``kv_a_layernorm`` / ``kv_b_proj``, ``o_proj``; rope or YaRN (mscale).
-  Under TP the up projections split by heads; the down projections are replicated with Transformer
-  Engine's spec, while megatron-core's local (CPU) spec splits their outputs and all-gathers them:
-  their rules follow the parameter's own partition (``tp_follows_model``).
+  Under TP the up projections split by heads; the down projections are replicated (Transformer
+  Engine's spec, and the local spec as the builder sets it up); their rules follow the parameter's
+  own partition (``tp_follows_model``). Training at TP > 1 needs sequence parallelism.
 * MoE from layer ``first_k_dense_replace`` on: sigmoid router, ``e_score_correction_bias`` ->
   ``mlp.router.expert_bias`` (megatron's aux-loss-free balancing), group-limited top-k,
   ``routed_scaling_factor``; ``n_shared_experts`` shared experts (no gate).
@@ -40,12 +40,9 @@ SIGMOID_MOE_RULES = routed_experts() + (
 
 
 def mla_tp_split(cfg: dict) -> dict:
-    """What TP splits in an MLA model: heads; the down projections' outputs (local spec); a dense
-    first layer's FFN."""
-    out = {"num_attention_heads": cfg["num_attention_heads"],
-           "kv_lora_rank + qk_rope_head_dim": cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"]}
-    if cfg.get("q_lora_rank"):
-        out["q_lora_rank"] = cfg["q_lora_rank"]
+    """What TP splits in an MLA model: the heads (up projections, o_proj) and a dense first layer's
+    FFN (the down projections are replicated)."""
+    out = {"num_attention_heads": cfg["num_attention_heads"]}
     if cfg.get("first_k_dense_replace"):
         out["intermediate_size"] = cfg["intermediate_size"]
     return out
@@ -77,7 +74,7 @@ FAMILY = ModelFamily(
               rope_theta=10000.0),
     template="deepseek_r1",
     layouts=frozenset({"tp", "sp", "pp", "vpp", "ep"}),
-    tp_split=mla_tp_split,
+    tp_split=mla_tp_split, tp_needs_sp=True,
     ignore_hf=mtp_layer,
     ignore_reason="multi-token-prediction (MTP) layers are not converted",
     hf_ids="deepseek-ai/DeepSeek-V3, V3-0324, V3.1, R1, R1-0528; moonshotai/Kimi-K2-*, Moonlight-16B-A3B",

@@ -424,7 +424,8 @@ def _check_model_shape(args) -> None:
         cfg["num_attention_heads"] = cfg["n_head"]
     family = cfg.get("model_type") or getattr(args, "model_type", None)
     try:
-        check_layout(family, cfg, layout_of(vars(args)), where=_model_label(args), num_experts=_num_experts(args))
+        check_layout(family, cfg, layout_of(vars(args)), where=_model_label(args), num_experts=_num_experts(args),
+                     training=args.command in ("sft", "pt", "rlhf"))
     except LayoutError as e:
         raise ArgumentError(f"argument --{e.argument.replace('/', '/--')}: {e.value} {e.detail}") from None
 

@@ -79,6 +79,9 @@ class ModelFamily:
     # (logged with ``ignore_reason``), e.g. DeepSeek's MTP layers
     ignore_hf: Optional[Callable[[Any, str], bool]] = None
     ignore_reason: str = ""
+    # training at TP > 1 needs sequence parallelism (MLA: the rope key's gradient is reduced over
+    # TP only by sequence parallelism's reduce-scatter in megatron-core 0.16)
+    tp_needs_sp: bool = False
     hf_ids: str = ""  # documentation: the Hub models it covers
     notes: str = ""
 

@@ -81,10 +81,11 @@ def _as_dict(hf_config) -> dict:
 
 
 def check_layout(family: ModelFamily | str | None, hf_config, layout: Layout, *, where: str = "config.json",
-                 num_experts: Optional[int] = None) -> None:
+                 num_experts: Optional[int] = None, training: bool = False) -> None:
     """Raises :class:`LayoutError` when ``layout`` cannot run ``hf_config`` (a transformers config or
     config.json dict, already carrying any shape overrides) of ``family`` (None: from model_type;
-    an unknown model type then skips the family-specific parts)."""
+    an unknown model type then skips the family-specific parts); ``training``: also the rules that
+    only gradients need."""
     cfg = _as_dict(hf_config)
     if family is None or isinstance(family, str):
         try:
@@ -103,6 +104,12 @@ def check_layout(family: ModelFamily | str | None, hf_config, layout: Layout, *,
                 raise LayoutError(_LAYOUT_ARGS[dim], value,
                                   f"is not supported for model family {family.name} ({label}): {LAYOUT_NAMES[dim]} "
                                   f"is not built/tested for it; supported layouts: {supported}")
+        if training and family.tp_needs_sp and layout.tp > 1 and not layout.sp:
+            raise LayoutError("tensor_model_parallel_size", layout.tp,
+                              f"without --sequence_parallel is not supported for training model family "
+                              f"{family.name} ({label}): megatron-core reduces multi-latent attention's rope-key "
+                              f"gradient over the TP ranks only through sequence parallelism; add "
+                              f"--sequence_parallel true")
     # 2. tensor parallelism divides the sizes it splits
     tp = layout.tp
     experts = num_experts if num_experts is not None else num_experts_of(cfg)
