@@ -204,6 +204,7 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
                 share_embeddings_and_output_weights=settings.share_embeddings_and_output_weights,
                 position_embedding_type="rope",
                 rotary_base=settings.rotary_base,
+                rotary_percent=settings.rotary_percent,
                 parallel_output=True,
                 vp_stage=stage,
             )

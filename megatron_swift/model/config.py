@@ -42,6 +42,8 @@ class GPTSettings:
     # the builder then takes inv_freq from transformers' own rope init for exactly these.
     rope_parameters: Optional[dict]
     family: ModelFamily
+    # the share of each head's dims that gets rope (HF partial_rotary_factor; GLM-4.5: 0.5)
+    rotary_percent: float = 1.0
 
 
 def load_hf_config(model_dir: str, trust_remote_code: bool = False):
@@ -201,6 +203,8 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
         rotary_base=settings_overrides.get("rotary_base") or theta,
         rope_parameters=rope_parameters,
         family=family,
+        rotary_percent=float(rope_parameters_of(hf_config).get("partial_rotary_factor")
+                             or getattr(hf_config, "partial_rotary_factor", None) or 1.0),
     )
     if settings.padded_vocab_size % tp or settings.padded_vocab_size < vocab:
         raise ValueError(
