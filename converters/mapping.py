@@ -7,7 +7,7 @@ dimension of the Megatron tensor. The shared engine does the rest: it finds the 
 parameter a rank holds (``plan.py``), reads (``load.py``) or writes (``write_hf.py``) the HF tensors
 and shards / gathers them.
 
-Transforms (the math lives in ``transforms.py``):
+Transforms (small classes in ``transforms.py``: shapes, to-local, to-HF; a new one is one subclass):
 
 ``COPY``     same tensor; split along ``tp_dim`` under TP (``None``: replicated).
 ``VOCAB``    embedding / output rows: Megatron pads the vocabulary to a multiple of 128 x TP with

@@ -73,7 +73,7 @@ FAMILY = ModelFamily(
               routed_scaling_factor=2.5, norm_topk_prob=True, num_nextn_predict_layers=0,
               rope_theta=10000.0),
     template="deepseek_r1",
-    layouts=frozenset({"tp", "sp", "pp", "vpp", "ep"}),
+    layouts=frozenset({"tp", "sp", "pp", "vpp", "ep", "etp"}),
     tp_split=mla_tp_split, tp_needs_sp=True,
     ignore_hf=mtp_layer,
     ignore_reason="multi-token-prediction (MTP) layers are not converted",

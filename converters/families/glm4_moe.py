@@ -34,7 +34,7 @@ FAMILY = ModelFamily(
               moe_intermediate_size=32, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
               num_nextn_predict_layers=0),
     template=None,
-    layouts=frozenset({"tp", "sp", "pp", "vpp", "ep"}),
+    layouts=frozenset({"tp", "sp", "pp", "vpp", "ep", "etp"}),
     tp_split=tp_split,
     ignore_hf=mtp_layer,
     ignore_reason="multi-token-prediction (MTP) layers are not converted",

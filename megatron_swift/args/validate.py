@@ -7,7 +7,6 @@ fields (``world_size``, ``data_parallel_size``, ``num_micro_batches``, ``hf_conf
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import List, Mapping, Optional
