@@ -20,7 +20,7 @@ from test_convert import assert_bit_exact, hf_tensors
 TOL = 1e-5
 
 
-def save_dsv3(path: Path, seed: int = 0, bias_scale: float = 0.05, **overrides) -> str:
+def save_dsv3(path: Path, seed: int = 0, bias_scale: float = 0.05, family: str = "deepseek_v3", **overrides) -> str:
     """A tiny DeepSeek-V3 (1 dense + 2 MoE layers, shared expert, 2 groups) saved by transformers,
     with a non-zero ``e_score_correction_bias`` that changes which experts are picked."""
     from transformers import AutoModelForCausalLM
@@ -28,7 +28,7 @@ def save_dsv3(path: Path, seed: int = 0, bias_scale: float = 0.05, **overrides) 
     from megatron_swift.model.tiny import tiny_hf_config
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_hf_config("deepseek_v3", **overrides))
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(family, **overrides))
     with torch.no_grad():
         for name, buf in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -71,6 +71,28 @@ def test_deepseek_v3_round_trip_and_logits(variant, tmp_path, megatron_world1):
     assert_logits(b)
 
 
+@pytest.mark.parametrize("routing", ["greedy", "group_limited_greedy"])
+def test_deepseek_v2_round_trip_and_logits(routing, tmp_path, megatron_world1):
+    """DeepSeek-V2(-Lite): MLA without q_lora, softmax routing without renormalisation, shared
+    expert, dense first layer; group-limited greedy where megatron-core can express it."""
+    overrides = dict(topk_method=routing)
+    if routing == "group_limited_greedy":
+        overrides.update(n_group=4, topk_group=2, routed_scaling_factor=1.5)
+    hf = save_dsv3(tmp_path / "src", family="deepseek_v2", **overrides)
+    a, b = round_trip(hf, tmp_path)
+    assert_logits(a)
+    assert_logits(b)
+
+
+def test_deepseek_v2_group_routing_megatron_cannot_express_is_refused():
+    from megatron_swift.model.config import transformer_config_from_hf
+    from megatron_swift.model.tiny import tiny_hf_config
+
+    with pytest.raises(ValueError, match="group_limited_greedy with num_experts_per_tok=2 and topk_group=1"):
+        transformer_config_from_hf(tiny_hf_config("deepseek_v2", topk_method="group_limited_greedy", n_group=2,
+                                                  topk_group=1))
+
+
 def test_deepseek_v3_config_maps_to_megatron_fields():
     from megatron_swift.model.config import transformer_config_from_hf
     from megatron_swift.model.tiny import tiny_hf_config
@@ -110,7 +132,7 @@ def test_unsupported_layouts_and_families_are_refused_early():
     with pytest.raises(ValueError, match="tensor_model_parallel_size=8 does not divide num_attention_heads"):
         transformer_config_from_hf(hf, {"tensor_model_parallel_size": 8})
     check_layout(None, hf, Layout(tp=2, sp=True, ep=2, pp=3))
-    for model_type in ("deepseek_v2", "glm4_moe_lite"):
+    for model_type in ("glm4_moe_lite", "deepseek_v32"):
         from transformers import AutoConfig
 
         with pytest.raises(ValueError, match=f"model_type '{model_type}' is not supported; supported model types"):
@@ -354,7 +376,7 @@ def test_new_families_convert_at_tp2_pp2_ep2(tmp_path):
     """DeepSeek-V3 (q_lora_rank set and None) at TP=2 (MLA up projections split, down projections
     replicated), PP=2 (4 layers: dense + 3 MoE, stage boundary inside the MoE part) and EP=2
     (routed experts split, expert bias replicated); Mistral / InternLM3 at TP=2; GLM-4.5 at TP=2
-    and EP=2;
+    and EP=2; DeepSeek-V2-Lite at TP=2 and EP=2;
     logits vs transformers <= 1e-5 and bit-exact HF round trips across layouts."""
     from helpers import TESTS, torchrun
     from test_convert import save_tiny
@@ -363,8 +385,9 @@ def test_new_families_convert_at_tp2_pp2_ep2(tmp_path):
     noq = save_dsv3(tmp_path / "dsv3_noq", seed=1, q_lora_rank=None)
     mistral, internlm3 = save_tiny("mistral", tmp_path / "mistral"), save_tiny("internlm3", tmp_path / "internlm3")
     glm = save_glm4_moe(tmp_path / "glm")
+    v2 = save_dsv3(tmp_path / "v2", family="deepseek_v2")
     d = {n: str(tmp_path / n) for n in ("q_tp2", "q_pp2_hf", "q_ep2", "q_ep2_hf", "noq_tp2", "noq_tp2_hf",
-                                        "mis_tp2", "mis_hf", "ilm_tp2", "ilm_hf", "glm_tp2", "glm_ep2_hf")}
+                                        "mis_tp2", "mis_hf", "ilm_tp2", "ilm_hf", "glm_tp2", "glm_ep2_hf", "v2_tp2", "v2_ep2_hf")}
     plan = [
         {"op": "to_mcore", "hf": q, "out": d["q_tp2"], "layout": {"tp": 2}, "precision": True},
         {"op": "to_hf", "mcore": d["q_tp2"], "out": d["q_pp2_hf"], "layout": {"pp": 2}, "precision": True},
@@ -378,12 +401,14 @@ def test_new_families_convert_at_tp2_pp2_ep2(tmp_path):
         {"op": "to_hf", "mcore": d["ilm_tp2"], "out": d["ilm_hf"], "layout": {"tp": 2}},
         {"op": "to_mcore", "hf": glm, "out": d["glm_tp2"], "layout": {"tp": 2}, "precision": True},
         {"op": "to_hf", "mcore": d["glm_tp2"], "out": d["glm_ep2_hf"], "layout": {"ep": 2}, "precision": True},
+        {"op": "to_mcore", "hf": v2, "out": d["v2_tp2"], "layout": {"tp": 2}, "precision": True},
+        {"op": "to_hf", "mcore": d["v2_tp2"], "out": d["v2_ep2_hf"], "layout": {"ep": 2}},
     ]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     torchrun(TESTS / "parallel" / "convert_worker.py", 2, [tmp_path / "plan.json", tmp_path / "result.json"],
              timeout=300)
     results = json.loads((tmp_path / "result.json").read_text())
-    for i in (0, 1, 2, 4, 6, 8, 10, 11):
+    for i in (0, 1, 2, 4, 6, 8, 10, 11, 12):
         assert_logits(results[i]["precision"])
     assert_bit_exact(q, d["q_pp2_hf"])
     assert_bit_exact(q, d["q_ep2_hf"])
@@ -391,6 +416,7 @@ def test_new_families_convert_at_tp2_pp2_ep2(tmp_path):
     assert_bit_exact(mistral, d["mis_hf"])
     assert_bit_exact(internlm3, d["ilm_hf"])
     assert_bit_exact(glm, d["glm_ep2_hf"])
+    assert_bit_exact(v2, d["v2_ep2_hf"])
 
 
 @pytest.mark.slow  # a single-process reference and two 2-process gloo jobs

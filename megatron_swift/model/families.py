@@ -104,7 +104,7 @@ _REGISTRY: dict[str, ModelFamily] = {}
 _BY_MODEL_TYPE: dict[str, ModelFamily] = {}
 # Built-in families: converters/families/<module>.py, each with a FAMILY object.
 BUILTIN_MODULES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "mistral", "internlm3",
-                   "deepseek_v3", "glm4_moe")
+                   "deepseek_v3", "deepseek_v2", "glm4_moe")
 _loaded = False
 
 
