@@ -93,6 +93,24 @@ def test_deepseek_v2_group_routing_megatron_cannot_express_is_refused():
                                                   topk_group=1))
 
 
+def test_mla_checkpoint_keys_are_transformer_engine_names(megatron_world1):
+    """The local (CPU) MLA model saves its norms under the names Transformer Engine's MLA spec uses
+    (norms fused into the following linear), so trainer checkpoints move between CPU and GPU runs;
+    the down projections are replicated (no TP split), as TE's."""
+    from megatron_swift.model.builder import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+
+    (model,), _, _ = build_model(tiny_hf_config("deepseek_v3"), meta=True)
+    keys = {v.key for v in model.sharded_state_dict().values() if hasattr(v, "key")}
+    a = "decoder.layers.0.self_attention."
+    assert {a + "linear_q_up_proj.layer_norm_weight", a + "linear_kv_up_proj.layer_norm_weight",
+            "decoder.layers.0.mlp.linear_fc1.layer_norm_weight", "decoder.layers.1.pre_mlp_layernorm.weight",
+            "decoder.layers.1.mlp.router.expert_bias"} <= keys
+    assert not any("q_layernorm" in k or "kv_layernorm" in k for k in keys)
+    down = model.decoder.layers[0].self_attention.linear_kv_down_proj.weight
+    assert not getattr(down, "tensor_model_parallel", False)
+
+
 def test_deepseek_v3_config_maps_to_megatron_fields():
     from megatron_swift.model.config import transformer_config_from_hf
     from megatron_swift.model.tiny import tiny_hf_config

@@ -104,12 +104,22 @@ def _mla_replicated_down_projections(block_spec) -> None:
     (replicated) tensors as TE's. Without sequence parallelism TP > 1 is refused for training
     (``ModelFamily.tp_needs_sp``)."""
     from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer.moe.moe_layer import MoELayer
 
     for layer in getattr(block_spec, "layer_specs", None) or []:
         attn = getattr(layer.submodules, "self_attention", None)
         sub = getattr(attn, "submodules", None)
-        if sub is not None and hasattr(sub, "linear_kv_down_proj"):
-            attn.submodules = dataclasses.replace(sub, linear_q_down_proj=Linear, linear_kv_down_proj=Linear)
+        if sub is None or not hasattr(sub, "linear_kv_down_proj"):
+            continue
+        attn.submodules = dataclasses.replace(sub, linear_q_down_proj=Linear, linear_kv_down_proj=Linear)
+        # checkpoint keys as Transformer Engine's MLA spec writes them (norms fused into the next
+        # linear), so checkpoints move between a CPU (local) and a GPU (TE) run
+        keys = dict(layer.submodules.sharded_state_dict_keys_map)
+        keys["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
+        keys["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
+        if getattr(layer.submodules.mlp, "module", None) is not MoELayer:
+            keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+        layer.submodules = dataclasses.replace(layer.submodules, sharded_state_dict_keys_map=keys)
 
 
 def _init_replicated_linears(model, config) -> None:
