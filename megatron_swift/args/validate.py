@@ -17,10 +17,10 @@ from megatron_swift.args.errors import ArgumentError
 from megatron_swift.args.support import check_support
 from megatron_swift.checkpoint import layout
 from megatron_swift.args.sections import DPO_LOSS_TYPES, DTYPES, GRPO_LOSS_TYPES, KTO_LOSS_TYPES
+from megatron_swift.model.shapes import EXPERT_KEYS  # torch-free, like the rest of the model's families layer
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHARD_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
-EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None,
