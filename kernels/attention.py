@@ -56,6 +56,26 @@ def reference_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     return out.reshape(s, heads * dim)
 
 
+def _segments(packed_seq_params, total: int):
+    """(row offsets, real boundaries) of the packed sequences as Python lists. Read from the tensors
+    once per micro batch and kept on its ``PackedSeqParams`` (every layer gets the same object), so
+    a forward pays one host sync for the boundaries, not one per layer."""
+    cached = getattr(packed_seq_params, "_megatron_swift_segments", None)
+    if cached is not None:
+        return cached
+    cu_q = packed_seq_params.cu_seqlens_q
+    cu_kv = packed_seq_params.cu_seqlens_kv if packed_seq_params.cu_seqlens_kv is not None else cu_q
+    if cu_kv is not cu_q and not torch.equal(cu_q, cu_kv.to(cu_q.device)):
+        raise ValueError("THDDotProductAttention: causal self-attention needs cu_seqlens_q == cu_seqlens_kv")
+    padded = packed_seq_params.cu_seqlens_q_padded
+    starts = (padded if padded is not None else cu_q).tolist()
+    real = cu_q.tolist()
+    if starts[-1] != total:
+        raise ValueError(f"THD attention: cu_seqlens ends at {starts[-1]} but the packed row has {total} tokens")
+    packed_seq_params._megatron_swift_segments = (starts, real)
+    return starts, real
+
+
 class THDDotProductAttention(DotProductAttention):
     """``DotProductAttention`` that also takes packed (THD) batches and MLA's separate key/value head
     dims; see the module docstring."""
@@ -78,16 +98,7 @@ class THDDotProductAttention(DotProductAttention):
             if query.size(1) != 1:
                 raise ValueError(f"THD attention expects one packed row, got batch size {query.size(1)}")
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
-        cu_q = packed_seq_params.cu_seqlens_q
-        cu_kv = packed_seq_params.cu_seqlens_kv if packed_seq_params.cu_seqlens_kv is not None else cu_q
-        if not torch.equal(cu_q.cpu(), cu_kv.cpu()):
-            raise ValueError("THDDotProductAttention: causal self-attention needs cu_seqlens_q == cu_seqlens_kv")
-        padded = packed_seq_params.cu_seqlens_q_padded
-        starts = (padded if padded is not None else cu_q).tolist()
-        real = cu_q.tolist()
-        total = query.size(0)
-        if starts[-1] != total:
-            raise ValueError(f"THD attention: cu_seqlens ends at {starts[-1]} but the packed row has {total} tokens")
+        starts, real = _segments(packed_seq_params, query.size(0))
         outputs = []
         for i in range(len(real) - 1):
             begin, length = starts[i], real[i + 1] - real[i]

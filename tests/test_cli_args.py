@@ -270,6 +270,9 @@ def test_aliases(model, tmp_path):
     (["--torch_dtype", "float16", "--bf16", "true"], ["--torch_dtype", "--bf16"]),
     (["--streaming", "--train_iters", "none", "--max_epochs", "1"], ["--train_iters", "--streaming"]),
     (["--adapter_load", "x"], ["--adapter_load", "--train_type lora"]),
+    (["--profile", "true"], ["--profile", "--use_pytorch_profiler true"]),
+    (["--profile", "true", "--use_pytorch_profiler", "true", "--profile_step_start", "5", "--profile_step_end", "5"],
+     ["--profile_step_end", "--profile_step_start"]),
 ])
 def test_contradictions(model, argv, names):
     message = error_of(sft, model, *argv)

@@ -24,8 +24,8 @@ def test_family_forward_backward_world_size_1(megatron_world1, family):
     pos = torch.arange(16).unsqueeze(0).expand(2, -1)
     losses = model(ids, pos, attention_mask=None, labels=ids)
     assert losses.shape == (2, 16)
-    # a random-init model predicts ~uniformly over the padded vocab
-    assert abs(losses.mean().item() - math.log(settings.padded_vocab_size)) < 0.2
+    # a random-init model predicts ~uniformly over the real vocab (padded entries are out of the softmax)
+    assert abs(losses.mean().item() - math.log(settings.vocab_size)) < 0.2
     losses.mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
@@ -33,6 +33,11 @@ def test_family_forward_backward_world_size_1(megatron_world1, family):
             assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
     logits = model(ids, pos, attention_mask=None)
     assert logits.shape == (2, 16, settings.padded_vocab_size)
+    assert settings.padded_vocab_size > settings.vocab_size
+    assert (logits[..., settings.vocab_size:] == torch.finfo(logits.dtype).min).all()
+    expected = torch.nn.functional.cross_entropy(logits[..., :settings.vocab_size].flatten(0, 1), ids.flatten(),
+                                                 reduction="none").view(2, 16)
+    torch.testing.assert_close(model(ids, pos, attention_mask=None, labels=ids), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_family_settings_follow_hf_config():

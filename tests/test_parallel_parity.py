@@ -6,9 +6,10 @@ by megatron-core's dist-checkpointing (its TP/PP/EP resharding, not ours) and co
 
 Tolerances (fp32): loss |diff| <= 1e-5; gradients rtol 1e-4 / atol 1e-6 (only the order of fp32
 reductions differs, observed max |diff| ~2e-8 on grads of magnitude ~5e-2); grad norm rtol 1e-5.
-Parameters after an Adam step are compared with atol 1e-4 (1% of lr=1e-2): Adam's first step is
-lr * g / (|g| + eps), which magnifies reduction-order noise for gradients near eps; a layout bug
-(a shard missing, reduced twice, or not gathered) moves parameters by ~lr or more.
+Parameters after an Adam step are compared with atol 1e-4 (1% of lr=1e-2) where the gradient is
+above 1e-6: Adam's first step is lr * g / (|g| + eps), which magnifies reduction-order noise for
+gradients near eps; a layout bug (a shard missing, reduced twice, or not gathered) moves parameters
+by ~lr or more, and shows in the gradients, which are compared everywhere.
 """
 
 from __future__ import annotations
@@ -79,7 +80,21 @@ def assert_same_step(ref, out, grads: bool = True):
     assert actual["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-5)
     if grads:
         assert_same_tensors(ref / "grads", out / "grads", rtol=1e-4, atol=1e-6)
-    assert_same_tensors(ref / "params", out / "params", rtol=0, atol=1e-4)
+    assert_same_updates(ref, out)
+
+
+def assert_same_updates(ref, out, lr: float = 1e-2):
+    """Parameters after the Adam step: within 1e-4 where the reference gradient is above 1e-6;
+    below it Adam's lr * g / (|g| + eps) turns fp32 reduction-order noise into anything up to lr, so
+    there only the step's bound is checked (the gradients themselves were compared above)."""
+    expected, actual, grads = load(ref / "params"), load(out / "params"), load(ref / "grads")
+    assert sorted(expected) == sorted(actual), "the layouts saved different tensors"
+    for key in expected:
+        diff = (actual[key] - expected[key]).abs()
+        noisy = grads[key].abs() < 1e-6 if key in grads else torch.zeros_like(diff, dtype=torch.bool)
+        clean = diff.masked_fill(noisy, 0).max().item()
+        assert clean <= 1e-4, f"{key}: max |diff| {clean:.3g} > 1e-4 where the gradient is above 1e-6"
+        assert diff.max().item() <= 2 * lr, f"{key}: an update beyond the step's bound"
 
 
 def test_tensor_parallel_2_equals_single_process(megatron_world1, reference):

@@ -50,7 +50,7 @@ ASSISTANT_SPANS = {
 # The trained tokens of CONVERSATIONS["single"], spelled out: the last tokens of the sample.
 SINGLE_TRAINED = {
     "chatml": "I am a helpful model.<|im_end|>\n", "qwen": "I am a helpful model.<|im_end|>\n",
-    "qwen2_5": "I am a helpful model.<|im_end|>\n", "qwen3": EMPTY_THINK + "I am a helpful model.<|im_end|>\n",
+    "qwen2_5": "I am a helpful model.<|im_end|>\n", "qwen3": "I am a helpful model.<|im_end|>\n",
     "llama3": "I am a helpful model.<|eot_id|>", "llama3_1": "I am a helpful model.<|eot_id|>",
     "llama3_2": "I am a helpful model.<|eot_id|>", "llama": " I am a helpful model. </s>",
     "mistral": " I am a helpful model.</s>", "deepseek": " I am a helpful model.<｜end▁of▁sentence｜>",
@@ -87,8 +87,15 @@ def loss_text(tok, enc) -> str:
     return tok.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE])
 
 
-def expected_encoding(tok, name, messages, tools=None, loss_scale="default"):
+# ms-swift appends "+ignore_empty_think" to the loss scale of hybrid-thinking templates
+# (swift/arguments/base_args/template_args.py, _set_loss_scale)
+HYBRID_THINKING = {"qwen3"}
+
+
+def expected_encoding(tok, name, messages, tools=None, loss_scale="default", train_empty_think=False):
     """(ids, labels) from the official rendering: tokens inside an assistant span carry loss."""
+    skip_empty_think = loss_scale == "ignore_empty_think" or (
+        name in HYBRID_THINKING and loss_scale != "all" and not train_empty_think)
     text = jinja_text(tok, messages, tools, name)
     starts, eot = ASSISTANT_SPANS[name]
     spans, pos = [], 0
@@ -98,7 +105,7 @@ def expected_encoding(tok, name, messages, tools=None, loss_scale="default"):
             break
         begin = hits[0][0] + len(hits[0][1])
         end = text.index(eot, begin) + len(eot)
-        if loss_scale == "ignore_empty_think" and text.startswith(EMPTY_THINK, begin):
+        if skip_empty_think and text.startswith(EMPTY_THINK, begin):
             begin += len(EMPTY_THINK)
         spans.append((begin, end))
         pos = end
@@ -113,12 +120,13 @@ def expected_encoding(tok, name, messages, tools=None, loss_scale="default"):
     return enc["input_ids"], labels
 
 
-def assert_matches_official(tok, name, swift_messages, official_messages=None, tools=None, loss_scale="default"):
+def assert_matches_official(tok, name, swift_messages, official_messages=None, tools=None, loss_scale="default",
+                            train_empty_think=False):
     official_messages = official_messages or swift_messages
-    enc = get_template(tok, name, loss_scale=loss_scale).encode(
+    enc = get_template(tok, name, loss_scale=loss_scale, disable_ignore_empty_think=train_empty_think).encode(
         {"messages": swift_messages, "tools": json.dumps(tools) if tools else None})
     assert enc["input_ids"] == jinja_ids(tok, official_messages, tools=tools, name=name)
-    ids, labels = expected_encoding(tok, name, official_messages, tools, loss_scale)
+    ids, labels = expected_encoding(tok, name, official_messages, tools, loss_scale, train_empty_think)
     assert enc["input_ids"] == ids
     assert enc["labels"] == labels, (loss_text(tok, enc), loss_text(tok, {"input_ids": ids, "labels": labels}))
     return enc
@@ -297,7 +305,8 @@ def test_tool_rows_without_hub_tool_syntax(tokenizers, name):
 # ------------------------------------------------------------------------------------- reasoning
 def test_qwen3_thinking_and_empty_think(tokenizers):
     """History turns lose their reasoning, the last keeps it; a response without reasoning gets the
-    empty think block (like the hub template), which ignore_empty_think leaves out of the loss."""
+    empty think block (like the hub template), which carries no loss unless
+    --disable_ignore_empty_think (ms-swift's default for hybrid-thinking templates)."""
     tok = tokenizers["qwen3"]
     conv = [{"role": "user", "content": "hi"},
             {"role": "assistant", "content": "<think>\nstep one\n</think>\n\nhello"},
@@ -309,11 +318,12 @@ def test_qwen3_thinking_and_empty_think(tokenizers):
     assert loss_text(tok, enc) == "hello<|im_end|>\n<think>\nstep two\n</think>\n\nfinal<|im_end|>\n"
 
     plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    default = assert_matches_official(tok, "qwen3", plain)
-    assert loss_text(tok, default) == "<think>\n\n</think>\n\nhello<|im_end|>\n"
-    ignored = assert_matches_official(tok, "qwen3", plain, loss_scale="ignore_empty_think")
-    assert ignored["input_ids"] == default["input_ids"]
-    assert loss_text(tok, ignored) == "hello<|im_end|>\n"
+    trained = assert_matches_official(tok, "qwen3", plain, train_empty_think=True)
+    assert loss_text(tok, trained) == "<think>\n\n</think>\n\nhello<|im_end|>\n"
+    for loss_scale in ("default", "ignore_empty_think", "last_round"):
+        ignored = assert_matches_official(tok, "qwen3", plain, loss_scale=loss_scale)
+        assert ignored["input_ids"] == trained["input_ids"]
+        assert loss_text(tok, ignored) == "hello<|im_end|>\n"
 
 
 def test_deepseek_r1_keeps_final_reasoning(tokenizers):
@@ -445,3 +455,13 @@ def test_preference_and_kto_encoding(tokenizers):
     assert kto["label"] is False and "input_ids" in kto
     with pytest.raises(TemplateError, match="rejected_response"):
         template.encode({"messages": CONVERSATIONS["single"]}, mode="pair")
+
+
+def test_fingerprint_changes_with_what_changes_the_labels(tokenizers):
+    """Dataset caches are keyed by the template's fingerprint: a setting that changes the labels
+    must change it (a stale cache trained the empty think block after the default changed)."""
+    tok = tokenizers["qwen3"]
+    base = get_template(tok, "qwen3").fingerprint()
+    assert get_template(tok, "qwen3").fingerprint() == base
+    assert get_template(tok, "qwen3", disable_ignore_empty_think=True).fingerprint() != base
+    assert get_template(tok, "qwen3", loss_scale="last_round").fingerprint() != base

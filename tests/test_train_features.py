@@ -176,3 +176,20 @@ def test_logged_tokens_are_the_real_tokens(demo, tmp_path):
 def _sequences(batch):
     cu = batch["packed_seq_params"].cu_seqlens_q.tolist()
     return [batch["input_ids"][0, a:b] for a, b in zip(cu[:-1], cu[1:])]
+
+
+def test_pytorch_profiler_records_the_chosen_iterations(demo, tmp_path):
+    """--profile --use_pytorch_profiler (megatron's flags): a chrome trace and an operator summary
+    for iterations [profile_step_start, profile_step_end) on rank 0, and the run goes on."""
+    save = tmp_path / "prof"
+    sft(demo, save, "--train_iters", "4", "--profile", "true", "--use_pytorch_profiler", "true",
+        "--profile_step_start", "2", "--profile_step_end", "4", "--save_interval", "1000", "--no_save_optim", "true")
+    assert [r["iteration"] for r in rows(save)] == [1, 2, 3, 4]
+    with open(save / "profile" / "rank0.trace.json") as f:
+        trace = json.load(f)
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep")}
+    assert not steps  # one recording window, not a schedule
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "aten::mm" in names or "aten::addmm" in names
+    summary = (save / "profile" / "rank0.summary.txt").read_text()
+    assert "Self CPU" in summary and "By input shape" in summary

@@ -97,6 +97,9 @@ class TemplateArguments:
     padding_free: bool = arg(True, help="Flatten batches without padding (THD format).")
     padding_side: str = arg("right", choices=("left", "right"), help="Padding side when padding is used.")
     loss_scale: str = arg("default", choices=LOSS_SCALES, help="Which tokens carry loss and with what weight.")
+    disable_ignore_empty_think: bool = arg(
+        False, help="Train the empty <think></think> block that hybrid-thinking templates (qwen3) put before "
+                    "answers without reasoning; by default it carries no loss, as in ms-swift.")
     response_prefix: Optional[str] = arg(None, help="Prefix of every response; default: from the template.")
     template_backend: str = arg("swift", choices=("swift", "jinja"),
                                 help="Template backend (jinja is inference only).")
@@ -270,6 +273,12 @@ class MegatronArguments(ParallelArguments):
     wandb_project: Optional[str] = arg(None, help="Weights & Biases project (enables wandb).")
     wandb_exp_name: Optional[str] = arg(None, help="Weights & Biases run name.")
     wandb_save_dir: Optional[str] = arg(None, help="Local directory of wandb files; default: <save>.")
+    profile: bool = arg(False, help="Profile iterations --profile_step_start to --profile_step_end - 1 (with "
+                                    "--use_pytorch_profiler true): <save>/profile/rank<r>.{trace.json,summary.txt}.")
+    use_pytorch_profiler: bool = arg(False, help="Use torch.profiler for --profile (the only mode built).")
+    profile_step_start: int = arg(10, ge=1, help="First profiled iteration.")
+    profile_step_end: int = arg(12, ge=2, help="First iteration after the profiled ones.")
+    profile_ranks: List[int] = arg(factory=lambda: [0], help="Global ranks that profile.")
     eval_iters: int = arg(-1, ge=-1, help="Evaluation iterations (-1: the whole validation set).")
     eval_interval: Optional[int] = arg(None, ge=1, help="Iterations between evaluations; default: save_interval.")
     manual_gc: bool = arg(False, help="Disable Python's automatic garbage collection; collect every "

@@ -162,6 +162,12 @@ def _check_training_flags(args) -> None:
                             "--overlap_grad_reduce true")
     if args.template_backend == "jinja":
         raise ArgumentError("argument --template_backend: 'jinja' supports inference only; use 'swift' for training")
+    if args.profile and not args.use_pytorch_profiler:
+        raise ArgumentError("argument --profile: CUDA profiler ranges for Nsight Systems are not built; add "
+                            "--use_pytorch_profiler true (torch.profiler, a trace and a summary per rank)")
+    if args.profile and args.profile_step_end <= args.profile_step_start:
+        raise ArgumentError(f"argument --profile_step_end ({args.profile_step_end}) must be greater than "
+                            f"--profile_step_start ({args.profile_step_start})")
     if not args.dataset:
         raise ArgumentError("argument --dataset is required for training")
     if args.interleave_prob is not None and len(args.interleave_prob) != len(args.dataset):

@@ -21,6 +21,7 @@ from megatron_swift.platform import get_platform
 from megatron_swift.platform.mcore_compat import set_tensor_parallel_attributes
 
 from .config import GPTSettings, transformer_config_from_hf
+from .padded_vocab import mask_padded_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -222,5 +223,7 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
         if not meta:
             _init_replicated_linears(model, config)
         _apply_rope_parameters(model, hf_config, settings)
+        mask_padded_vocab(model, settings.vocab_size, settings.padded_vocab_size)
+        model.hf_vocab_size = settings.vocab_size  # the real vocabulary (model.vocab_size is the padded one)
         chunks.append(model if meta else model.to(get_platform().device))
     return chunks, config, settings

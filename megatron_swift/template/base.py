@@ -26,7 +26,9 @@ Which tokens carry loss (``--loss_scale``):
   last_round          only the last assistant response (+ its end-of-turn)
   all                 every token
   ignore_empty_think  like default, but an empty ``<think>\\n\\n</think>\\n\\n`` block at the start
-                      of a response carries no loss (Qwen3 renders one when the data has none)
+                      of a response carries no loss (Qwen3 renders one when the data has none).
+                      Hybrid-thinking templates (qwen3) do this under every loss scale but ``all``,
+                      as ms-swift does, unless ``--disable_ignore_empty_think true``.
 
 The end-of-turn text is what ms-swift's templates put after a response (their ``suffix`` at the
 end of a sample, ``chat_sep`` + the dynamic-EOS labelling after history turns) and is trained the
@@ -189,7 +191,8 @@ class Template:
     def __init__(self, tokenizer, meta: TemplateMeta, *, system: Optional[str] = None,
                  max_length: Optional[int] = None, truncation_strategy: str = "delete",
                  loss_scale: str = "default", response_prefix: Optional[str] = None,
-                 use_chat_template: bool = True, template_backend: str = "swift"):
+                 use_chat_template: bool = True, template_backend: str = "swift",
+                 disable_ignore_empty_think: bool = False):
         if loss_scale not in SUPPORTED_LOSS_SCALES:
             raise ValueError(f"--loss_scale {loss_scale!r} is not supported yet; supported: "
                              f"{', '.join(SUPPORTED_LOSS_SCALES)}")
@@ -205,6 +208,10 @@ class Template:
         self.max_length = max_length
         self.truncation_strategy = truncation_strategy
         self.loss_scale = loss_scale
+        # ms-swift appends "+ignore_empty_think" to the loss scale of hybrid-thinking templates: the
+        # empty block the template renders before an answer without reasoning is not what to learn
+        self.ignore_empty_think = loss_scale == "ignore_empty_think" or (
+            bool(meta.extra.get("hybrid_thinking")) and not disable_ignore_empty_think)
         self._explicit_response_prefix = response_prefix
         self.response_prefix = meta.response_prefix if response_prefix is None else response_prefix
         self.use_chat_template = use_chat_template
@@ -250,7 +257,7 @@ class Template:
         h.update(backend.to_str().encode() if backend is not None else repr(tok).encode())
         h.update(json.dumps([
             self.meta.name, self.system, self.max_length, self.truncation_strategy, self.loss_scale,
-            self.response_prefix, self.use_chat_template, self.template_backend,
+            self.response_prefix, self.use_chat_template, self.template_backend, self.ignore_empty_think,
             getattr(tok, "chat_template", None) if self.template_backend == "jinja" else None,
             _CODE_VERSION,
         ]).encode())
@@ -302,7 +309,7 @@ class Template:
                 loss = True
             elif s.kind == PROMPT:
                 loss = False
-            elif s.kind == EMPTY_THINK and self.loss_scale == "ignore_empty_think":
+            elif s.kind == EMPTY_THINK and self.ignore_empty_think:
                 loss = False
             elif self.loss_scale == "last_round":
                 loss = s.turn == last_turn
@@ -473,4 +480,4 @@ class Template:
         return self._tokenize_many([self.prompt_text(messages, tools)])[0]
 
 
-_CODE_VERSION = 2  # bump when encodings change (dataset cache fingerprints)
+_CODE_VERSION = 3  # bump when encodings change (dataset cache fingerprints)

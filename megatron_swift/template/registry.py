@@ -35,7 +35,7 @@ def get_template(tokenizer, template: Optional[str] = None, *, model_type: Optio
                  system: Optional[str] = None, max_length: Optional[int] = None,
                  truncation_strategy: str = "delete", loss_scale: str = "default",
                  response_prefix: Optional[str] = None, use_chat_template: bool = True,
-                 template_backend: str = "swift") -> Template:
+                 template_backend: str = "swift", disable_ignore_empty_think: bool = False) -> Template:
     """Builds a Template. ``template=None`` picks the model's (tokenizer chat_template, then
     ``model_type``)."""
     if template is None:
@@ -51,7 +51,7 @@ def get_template(tokenizer, template: Optional[str] = None, *, model_type: Optio
     return Template(tokenizer, TEMPLATES[template], system=_read_system(system), max_length=max_length,
                     truncation_strategy=truncation_strategy, loss_scale=loss_scale,
                     response_prefix=response_prefix, use_chat_template=use_chat_template,
-                    template_backend=template_backend)
+                    template_backend=template_backend, disable_ignore_empty_think=disable_ignore_empty_think)
 
 
 def template_from_args(args, tokenizer, max_length: Optional[int] = None) -> Template:
@@ -67,4 +67,5 @@ def template_from_args(args, tokenizer, max_length: Optional[int] = None) -> Tem
         loss_scale=getattr(args, "loss_scale", "default"), response_prefix=getattr(args, "response_prefix", None),
         use_chat_template=getattr(args, "use_chat_template", True),
         template_backend=getattr(args, "template_backend", "swift"),
+        disable_ignore_empty_think=getattr(args, "disable_ignore_empty_think", False),
     )

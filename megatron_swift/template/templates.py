@@ -342,7 +342,8 @@ TEMPLATES: Dict[str, TemplateMeta] = {
     "qwen2_5": TemplateMeta("qwen2_5", render_chatml,
                             default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
                             jinja_file="qwen2_5.jinja", **_QWEN_TOKENS),
-    "qwen3": TemplateMeta("qwen3", render_chatml, jinja_file="qwen3.jinja", extra={"style": "qwen3"},
+    "qwen3": TemplateMeta("qwen3", render_chatml, jinja_file="qwen3.jinja",
+                          extra={"style": "qwen3", "hybrid_thinking": True},
                           **_QWEN_TOKENS),
     "llama3": TemplateMeta(
         "llama3", render_llama3, jinja_file="llama3.jinja", bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",

@@ -23,6 +23,7 @@ from .data_feed import EndOfData
 from .metrics import MetricsLogger
 from .exit import EarlyExit
 from .options import CheckpointSettings, ExitSettings, LoggingSettings
+from .profiling import StepProfiler
 from .step import StepResult, forward_backward, router_losses, step_loss_tokens, train_step
 
 logger = logging.getLogger("megatron_swift")
@@ -173,8 +174,9 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
 
     from .model_setup import unwrap
 
-    vocab = unwrap(ddp_chunks[0]).vocab_size
+    vocab = getattr(unwrap(ddp_chunks[0]), "hf_vocab_size", unwrap(ddp_chunks[0]).vocab_size)
     early_exit = EarlyExit(settings.exit)
+    profiler = StepProfiler(settings.logging.profile, settings.save_dir)
     warned_uniform = False
     evaluated_at = saved_at = exit_reason = None
     try:
@@ -187,6 +189,7 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
                     logger.info("%s: stopping at iteration %d", end, state.iteration)
                 break
             data_seconds = time.time() - data_start
+            profiler.before_step(state.iteration + 1)
             result = train_step(ddp_chunks, optimizer, _iterators(ddp_chunks, microbatches), len(microbatches),
                                 settings.seq_length, settings.micro_batch_size,
                                 loss_tokens=step_loss_tokens(microbatches))
@@ -203,6 +206,7 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
             else:  # fp16 overflow: the update was skipped, so the schedule does not advance either
                 state.skipped += 1
             state.iteration += 1
+            profiler.after_step(state.iteration)
             state.last = result
             state.losses.append(result.loss)
             extra = router_losses(ddp_chunks[0].config, len(microbatches))
@@ -235,6 +239,7 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
         if exit_reason:
             early_exit.record(settings.save_dir, state.iteration, exit_reason)
     finally:
+        profiler.close()
         early_exit.close()
         checkpointer.close()
         metrics.close()

@@ -18,6 +18,7 @@ import torch
 from megatron_swift.platform import ParallelLayout
 
 from .model_setup import OptimizerSettings
+from .profiling import ProfileSettings
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -182,6 +183,7 @@ class LoggingSettings:
     wandb_project: Optional[str] = None
     wandb_exp_name: Optional[str] = None
     wandb_save_dir: Optional[str] = None
+    profile: ProfileSettings = field(default_factory=ProfileSettings)
 
 
 @dataclass
@@ -272,7 +274,10 @@ def training_settings(args) -> TrainingSettings:
             log_validation_ppl=args.log_validation_ppl_to_tensorboard,
             log_learning_rate=not args.no_log_learning_rate_to_tensorboard, log_params_norm=args.log_params_norm,
             log_throughput=args.log_throughput, logging_level=args.logging_level, wandb_project=args.wandb_project,
-            wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir),
+            wandb_exp_name=args.wandb_exp_name, wandb_save_dir=args.wandb_save_dir,
+            profile=ProfileSettings(enabled=bool(args.profile) & bool(args.use_pytorch_profiler),
+                                    step_start=args.profile_step_start, step_end=args.profile_step_end,
+                                    ranks=list(args.profile_ranks))),
         freeze=FreezeSettings(
             freeze_parameters=list(args.freeze_parameters), freeze_parameters_regex=args.freeze_parameters_regex,
             freeze_parameters_ratio=args.freeze_parameters_ratio, trainable_parameters=list(args.trainable_parameters),
