@@ -497,3 +497,23 @@ def test_megatron_sft_trains_the_new_families(tmp_path):
         model = _tiny_chat_model(tmp_path / family, family, template)
         proc = sft(model, tmp_path / f"sft_{family}", 3, *(["--template", template] if family == "glm4_moe" else []))
         assert proc.returncode == 0, (family, proc.stderr[-5000:])
+
+
+def test_argument_validator_asks_the_family(tmp_path):
+    """``megatron sft`` arguments are checked against the family before any process starts: MLA
+    training at TP > 1 without sequence parallelism (refused), with it (accepted), a TP that does
+    not divide the heads."""
+    from test_cli_args import error_of, sft
+
+    from megatron_swift.model.tiny import tiny_hf_config
+
+    model = tmp_path / "dsv3"
+    model.mkdir()
+    (model / "config.json").write_text(tiny_hf_config("deepseek_v3").to_json_string())
+    message = error_of(sft, str(model), "--tensor_model_parallel_size", "2", world_size=2)
+    assert "--tensor_model_parallel_size: 2 without --sequence_parallel" in message and "deepseek_v3" in message
+    assert sft(str(model), "--tensor_model_parallel_size", "2", "--sequence_parallel", "true", world_size=2)
+    message = error_of(sft, str(model), "--tensor_model_parallel_size", "8", "--sequence_parallel", "true",
+                       world_size=8)
+    assert "does not divide num_attention_heads (4)" in message and "valid tensor_model_parallel_size values: 1, 2, 4" \
+        in message
