@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .hf_dir import save_mcore_as_hf, torch_dtype_of
-from .load import check_hf_checkpoint, materialize
+from .load import check_hf_checkpoint, family_ignored, materialize
 from .plan import global_entries, local_params
 from .registry import mapping_for
 from .hf_io import HFCheckpoint
@@ -70,7 +70,7 @@ def convert_hf_to_mcore(model_dir: str, out_dir: str, *, hf_config=None, overrid
     lps = local_params(chunks, mapping_for(settings.family), settings.share_embeddings_and_output_weights)
     reader = HFCheckpoint(model_dir)
     try:
-        check_hf_checkpoint(reader, global_entries(lps, geo))
+        check_hf_checkpoint(reader, global_entries(lps, geo), family_ignored(reader, config, settings))
         threads = thread_count or default_thread_count(reader.total_bytes)
         info = {
             "model": model_id or os.path.abspath(model_dir),

@@ -3,6 +3,7 @@ reading only the slices it needs."""
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Optional
 
 import torch
@@ -11,6 +12,8 @@ from .hf_io import HFCheckpoint
 from .plan import HFEntry, LocalParam, global_entries, local_params
 from .registry import mapping_for
 from .transforms import Geometry, geometry, hf_shapes, hf_to_local
+
+logger = logging.getLogger(__name__)
 
 
 def materialize(lp: LocalParam, reader: HFCheckpoint, geo: Geometry, dtype: Optional[torch.dtype] = None,
@@ -31,9 +34,20 @@ def materialize(lp: LocalParam, reader: HFCheckpoint, geo: Geometry, dtype: Opti
     return tensor.to(dtype or lp.param.dtype)
 
 
+def family_ignored(reader: HFCheckpoint, config, settings) -> list[str]:
+    """The checkpoint's tensors the family knowingly leaves out (logged once)."""
+    family = settings.family
+    keys = sorted(k for k in reader.tensors if family.ignored(config, k))
+    if keys:
+        logger.warning("%s: %d tensors not converted (%s ... ): %s", family.name, len(keys), keys[0],
+                       family.ignore_reason or "left out by the family")
+    return keys
+
+
 def check_hf_checkpoint(reader: HFCheckpoint, entries: list[HFEntry], ignore_unused: Iterable[str] = ()) -> None:
     """Every tensor the model needs is there with the right shape; nothing in the checkpoint is
-    left unused (an unused tensor means the converted model would silently differ)."""
+    left unused (an unused tensor means the converted model would silently differ) except the
+    ``ignore_unused`` ones."""
     used = set()
     for e in entries:
         key, info, stacked = reader.require(e.source, e.layer, e.expert, e.shape)
@@ -61,7 +75,7 @@ def load_hf_into_mcore(chunks: list, hf_dir: str, config, settings, *, check: bo
     try:
         lps = local_params(chunks, mapping, settings.share_embeddings_and_output_weights)
         if check:
-            check_hf_checkpoint(reader, global_entries(lps, geo))
+            check_hf_checkpoint(reader, global_entries(lps, geo), family_ignored(reader, config, settings))
         with torch.no_grad():
             for lp in lps:
                 lp.param.copy_(materialize(lp, reader, geo))

@@ -7,7 +7,7 @@ dimension of the Megatron tensor. The shared engine does the rest: it finds the 
 parameter a rank holds (``plan.py``), reads (``load.py``) or writes (``write_hf.py``) the HF tensors
 and shards / gathers them.
 
-Transforms (the math lives in ``transforms.py``):
+Transforms (small classes in ``transforms.py``: shapes, to-local, to-HF; a new one is one subclass):
 
 ``COPY``     same tensor; split along ``tp_dim`` under TP (``None``: replicated).
 ``VOCAB``    embedding / output rows: Megatron pads the vocabulary to a multiple of 128 x TP with
@@ -29,14 +29,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-COPY = "copy"
-VOCAB = "vocab"
-QKV = "qkv"
-GATE_UP = "gate_up"
-TRANSFORMS = (COPY, VOCAB, QKV, GATE_UP)
+from .transforms import COPY, GATE_UP, QKV, VOCAB, Transform
 
-# How many HF tensors each transform fuses into one Megatron tensor.
-HF_PARTS = {COPY: 1, VOCAB: 1, QKV: 3, GATE_UP: 2}
+TRANSFORMS = (COPY, VOCAB, QKV, GATE_UP)
 
 
 @dataclass(frozen=True)
@@ -64,17 +59,20 @@ def src(key: str, *alternatives: Union[str, Stacked]) -> Source:
 class Rule:
     mcore: str
     hf: tuple[Source, ...]
-    transform: str = COPY
+    transform: Transform = COPY
     tp_dim: Optional[int] = None
     # Where the weights come from when the HF model ties input and output embeddings (the last
     # pipeline stage's copy of the embedding); tied tensors are not written back.
     tied_to: Optional[Source] = None
+    # The TP split is whatever the model's parameter says (``tp_dim`` is taken from it): MLA's down
+    # projections are replicated in Transformer Engine's spec but column-split in the local spec.
+    tp_follows_model: bool = False
 
     def __post_init__(self):
-        if self.transform not in TRANSFORMS:
-            raise ValueError(f"rule {self.mcore}: unknown transform {self.transform!r}")
-        if len(self.hf) != HF_PARTS[self.transform]:
-            raise ValueError(f"rule {self.mcore}: transform {self.transform} takes {HF_PARTS[self.transform]} "
+        if not isinstance(self.transform, Transform):
+            raise ValueError(f"rule {self.mcore}: unknown transform {self.transform!r} (a Transform instance)")
+        if len(self.hf) != self.transform.parts:
+            raise ValueError(f"rule {self.mcore}: transform {self.transform} takes {self.transform.parts} "
                              f"HF tensors, got {len(self.hf)}")
 
     @property
@@ -114,6 +112,8 @@ _TE_GROUPED_EXPERT = re.compile(r"\.mlp\.experts\.(linear_fc[12])\.(weight|bias)
 TE_ALIASES = (
     (".self_attention.linear_qkv.layer_norm_weight", ".input_layernorm.weight"),
     (".mlp.linear_fc1.layer_norm_weight", ".pre_mlp_layernorm.weight"),
+    (".self_attention.linear_q_up_proj.layer_norm_weight", ".self_attention.q_layernorm.weight"),
+    (".self_attention.linear_kv_up_proj.layer_norm_weight", ".self_attention.kv_layernorm.weight"),
 )
 
 
@@ -165,10 +165,14 @@ def embeddings() -> tuple[Rule, ...]:
     )
 
 
+def attention_norm() -> tuple[Rule, ...]:
+    return (Rule(L + "input_layernorm.weight", (src(HF_LAYER + "input_layernorm.weight"),)),)
+
+
 def attention(qkv_bias: bool = False, qk_norm: bool = False) -> tuple[Rule, ...]:
     a = HF_LAYER + "self_attn."
     rules = [
-        Rule(L + "input_layernorm.weight", (src(HF_LAYER + "input_layernorm.weight"),)),
+        *attention_norm(),
         Rule(L + "self_attention.linear_qkv.weight",
              (src(a + "q_proj.weight"), src(a + "k_proj.weight"), src(a + "v_proj.weight")), QKV, tp_dim=0),
         Rule(L + "self_attention.linear_proj.weight", (src(a + "o_proj.weight"),), tp_dim=1),

@@ -10,6 +10,7 @@ and the MoE layer's ``local_expert_indices`` give them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,12 +76,17 @@ def local_params(chunks: list, mapping: FamilyMapping, share_embeddings: bool) -
     for ci, chunk in enumerate(chunks):
         model = unwrap(chunk)
         layers = model.decoder.layers if hasattr(model, "decoder") else []
-        for name, p in model.named_parameters():
+        for name, p, is_buffer in _tensors(model):
             template, li, le = split_name(name)
             try:
                 rule = mapping.rule_for(template)
             except KeyError as e:
+                if is_buffer:  # buffers without a rule (rope tables, token counters) are not weights
+                    continue
                 raise ValueError(str(e.args[0])) from None
+            if rule.tp_follows_model:
+                dim = getattr(p, "partition_dim", None) if getattr(p, "tensor_model_parallel", False) else None
+                rule = dataclasses.replace(rule, tp_dim=dim)
             layer = expert = None
             num_local = 0
             if li is not None:
@@ -99,6 +105,17 @@ def local_params(chunks: list, mapping: FamilyMapping, share_embeddings: bool) -
             out.append(LocalParam(ci, name, rule, p, layer, expert, le, r, size,
                                   global_shape_of(rule, p.shape, size), tied, num_local))
     return out
+
+
+def _tensors(model):
+    """(name, tensor, is_buffer): the parameters, then the persistent buffers (e.g. the router's
+    ``expert_bias``), which the checkpoints hold too."""
+    for name, p in model.named_parameters():
+        yield name, p, False
+    persistent = set(model.state_dict(keep_vars=True))
+    for name, b in model.named_buffers():
+        if name in persistent:
+            yield name, b, True
 
 
 def _check_partition(name: str, p: torch.Tensor, rule: Rule) -> None:

@@ -1,20 +1,36 @@
-"""Family name -> its declarative mapping (one small module per family in ``families/``)."""
+"""Family name -> its declarative mapping (the weight rules of its registered
+``megatron_swift.model.families.ModelFamily``; the built-in ones are ``families/*.py``)."""
 
 from __future__ import annotations
 
-from .families import llama, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
+from collections.abc import Mapping
+
+from megatron_swift.model.families import families, family_by_name
+
 from .mapping import FamilyMapping
 
-MAPPINGS: dict[str, FamilyMapping] = {
-    m.MAPPING.name: m.MAPPING for m in (llama, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral)
-}
+
+class _Mappings(Mapping):
+    """``MAPPINGS``: a live view, so a family registered later is there too."""
+
+    def __getitem__(self, name: str) -> FamilyMapping:
+        family = families().get(name)
+        if family is None:
+            raise KeyError(name)
+        return family.mapping
+
+    def __iter__(self):
+        return iter(families())
+
+    def __len__(self):
+        return len(families())
+
+
+MAPPINGS = _Mappings()
 
 
 def mapping_for(family) -> FamilyMapping:
     """The mapping of a ``megatron_swift.model.families.ModelFamily`` (or its name)."""
-    name = getattr(family, "name", family)
-    try:
-        return MAPPINGS[name]
-    except KeyError:
-        raise ValueError(f"no checkpoint conversion for model family {name!r}; supported: "
-                         f"{', '.join(sorted(MAPPINGS))}") from None
+    if hasattr(family, "mapping"):
+        return family.mapping
+    return family_by_name(family).mapping

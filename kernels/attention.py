@@ -21,6 +21,11 @@ parallelism is refused by the parent class, as for the local spec.
 RoPE for THD is megatron-core's own: ``apply_rotary_pos_emb(..., cu_seqlens=...)`` restarts the
 positions of every sequence (its unfused path runs on CPU), so the model needs no change.
 
+Multi-latent attention (MLA) builds its core attention with ``k_channels`` / ``v_channels`` (query/key
+head dim != value head dim): megatron-core 0.16's ``DotProductAttention`` does not take them (only
+Transformer Engine's does), though its math already works per tensor shape; this class accepts
+them and sizes its output by the value head dim, so MLA runs on the local spec too.
+
 ``reference_attention`` is the plain formula the tests compare against.
 """
 
@@ -72,7 +77,15 @@ def _segments(packed_seq_params, total: int):
 
 
 class THDDotProductAttention(DotProductAttention):
-    """``DotProductAttention`` that also takes packed (THD) batches; see the module docstring."""
+    """``DotProductAttention`` that also takes packed (THD) batches and MLA's separate key/value head
+    dims; see the module docstring."""
+
+    def __init__(self, *args, k_channels: Optional[int] = None, v_channels: Optional[int] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if v_channels is not None:  # MLA: the output is heads x value head dim
+            heads = self.num_attention_heads_per_partition
+            self.hidden_size_per_partition = heads * v_channels
+            self.hidden_size_per_attention_head = v_channels
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):

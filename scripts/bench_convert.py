@@ -96,6 +96,90 @@ def write_synthetic(path: str, layers: int, hidden: int, ffn: int, heads: int, k
     return {"total_bytes": total, "shards": len(sizes), "largest_shard": max(sizes)}
 
 
+def write_synthetic_deepseek_v3(path: str, spec: dict) -> dict:
+    """A DeepSeek-V3-shaped checkpoint: MLA (q_lora), first layer dense, then MoE layers with many
+    routed experts (per-expert tensors, the published layout), a shared expert and the router's
+    e_score_correction_bias (fp32, as published)."""
+    import torch
+    from transformers import DeepseekV3Config
+
+    os.makedirs(path, exist_ok=True)
+    h, heads, layers, experts = spec["hidden"], spec["heads"], spec["layers"], spec["experts"]
+    q_lora, kv_lora, nope, rope, v = spec["q_lora"], spec["kv_lora"], spec["nope"], spec["rope"], spec["v"]
+    ffn, moe_ffn, vocab = spec["ffn"], spec["moe_ffn"], spec["vocab"]
+    cfg = DeepseekV3Config(vocab_size=vocab, hidden_size=h, intermediate_size=ffn, moe_intermediate_size=moe_ffn,
+                           num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                           n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=8, n_group=8,
+                           topk_group=4, first_k_dense_replace=1, q_lora_rank=q_lora, kv_lora_rank=kv_lora,
+                           qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v, head_dim=rope,
+                           num_nextn_predict_layers=0, tie_word_embeddings=False, dtype="bfloat16")
+    cfg.save_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    def ones(n):
+        return torch.ones(n, dtype=torch.bfloat16)
+
+    def mlp(prefix, f):
+        yield prefix + "gate_proj.weight", rand(f, h)
+        yield prefix + "up_proj.weight", rand(f, h)
+        yield prefix + "down_proj.weight", rand(h, f)
+
+    def tensors():
+        yield "model.embed_tokens.weight", rand(vocab, h)
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            a = p + "self_attn."
+            yield p + "input_layernorm.weight", ones(h)
+            yield a + "q_a_proj.weight", rand(q_lora, h)
+            yield a + "q_a_layernorm.weight", ones(q_lora)
+            yield a + "q_b_proj.weight", rand(heads * (nope + rope), q_lora)
+            yield a + "kv_a_proj_with_mqa.weight", rand(kv_lora + rope, h)
+            yield a + "kv_a_layernorm.weight", ones(kv_lora)
+            yield a + "kv_b_proj.weight", rand(heads * (nope + v), kv_lora)
+            yield a + "o_proj.weight", rand(h, heads * v)
+            yield p + "post_attention_layernorm.weight", ones(h)
+            if i == 0:
+                yield from mlp(p + "mlp.", ffn)
+                continue
+            yield p + "mlp.gate.weight", (torch.randn(experts, h, generator=g) * 0.02).to(torch.bfloat16)
+            yield p + "mlp.gate.e_score_correction_bias", torch.zeros(experts, dtype=torch.float32)
+            for e in range(experts):
+                yield from mlp(p + f"mlp.experts.{e}.", moe_ffn)
+            yield from mlp(p + "mlp.shared_experts.", moe_ffn)
+        yield "model.norm.weight", ones(h)
+        yield "lm_head.weight", rand(vocab, h)
+
+    return _write_shards(path, tensors(), spec["shard_size"])
+
+
+def _write_shards(path: str, tensors, shard_size: int) -> dict:
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for key, t in tensors:
+        n = t.numel() * t.element_size()
+        if current and size + n > shard_size:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = t
+        size += n
+    shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    sizes = [os.path.getsize(p) for p in glob.glob(os.path.join(path, "*.safetensors"))]
+    return {"total_bytes": total, "shards": len(sizes), "largest_shard": max(sizes)}
+
+
 def files_of(path: str) -> list[str]:
     return sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
                   if os.path.isfile(p) and (p.endswith(".safetensors") or p.endswith(".distcp")))
@@ -293,11 +377,18 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_write":
         print(json.dumps(write_synthetic(sys.argv[2], *map(int, sys.argv[3:10]))))
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "_write_deepseek_v3":
+        print(json.dumps(write_synthetic_deepseek_v3(sys.argv[2], json.loads(sys.argv[3]))))
+        return
     if len(sys.argv) > 1 and sys.argv[1] == "_verify":
         print(json.dumps(verify(sys.argv[2], sys.argv[3])))
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default="/tmp/bench_convert")
+    p.add_argument("--family", default="llama", choices=["llama", "deepseek_v3"],
+                   help="deepseek_v3: MLA, 1 dense + (layers - 1) MoE layers of --experts routed experts")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--moe_ffn", type=int, default=512)
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--ffn", type=int, default=5632)
@@ -315,8 +406,14 @@ def main():
     os.makedirs(work)
     args.hf_dir = os.path.join(work, "hf")
     t0 = time.perf_counter()
-    info = _child(["_write", args.hf_dir, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads,
-                   args.vocab, _size(args.shard_size)])
+    if args.family == "deepseek_v3":
+        spec = dict(hidden=args.hidden, heads=args.heads, layers=args.layers, experts=args.experts,
+                    q_lora=args.hidden // 2, kv_lora=args.hidden // 4, nope=64, rope=32, v=64, ffn=args.ffn,
+                    moe_ffn=args.moe_ffn, vocab=args.vocab, shard_size=_size(args.shard_size))
+        info = _child(["_write_deepseek_v3", args.hf_dir, json.dumps(spec)])
+    else:
+        info = _child(["_write", args.hf_dir, args.layers, args.hidden, args.ffn, args.heads, args.kv_heads,
+                       args.vocab, _size(args.shard_size)])
     print(f"synthetic checkpoint: {info['total_bytes'] / 1e9:.2f} GB in {info['shards']} shards, largest "
           f"{info['largest_shard'] / 1e6:.0f} MB ({time.perf_counter() - t0:.0f} s to write)", flush=True)
     hf_files = files_of(args.hf_dir)
@@ -327,7 +424,7 @@ def main():
     print(f"plain read of the HF shards: {plain_cold:.2f} s cold, {plain_hot:.2f} s hot", flush=True)
     mcore, back = os.path.join(work, "mcore"), os.path.join(work, "hf_out")
     plan = [("hf_to_mcore", args.hf_dir, mcore), ("mcore_to_hf", mcore, back)]
-    if not args.skip_naive:
+    if not args.skip_naive and args.family == "llama":  # the naive loaders know Llama's layout only
         plan += [("naive_hf_to_mcore", args.hf_dir, os.path.join(work, "mcore_naive")),
                  ("naive_mcore_to_hf", mcore, os.path.join(work, "hf_naive"))]
     for op, src, dst in plan:

@@ -102,7 +102,7 @@ def step_specs(out, dry):
 
     init_parallel()
     result = {}
-    for family in ("qwen3", "qwen3_moe"):
+    for family in ("qwen3", "qwen3_moe", "deepseek_v3"):
         (platform_model,), config, _ = _build(family)
         (local_model,), _, _ = _build(family, "local")
         keys, local = _checkpoint_keys(platform_model), _checkpoint_keys(local_model)

@@ -7,7 +7,6 @@ fields (``world_size``, ``data_parallel_size``, ``num_micro_batches``, ``hf_conf
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from typing import List, Mapping, Optional
@@ -18,10 +17,10 @@ from megatron_swift.args.errors import ArgumentError
 from megatron_swift.args.support import check_support
 from megatron_swift.checkpoint import layout
 from megatron_swift.args.sections import DPO_LOSS_TYPES, DTYPES, GRPO_LOSS_TYPES, KTO_LOSS_TYPES
+from megatron_swift.model.shapes import EXPERT_KEYS  # torch-free, like the rest of the model's families layer
 
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHARD_SIZE_RE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
-EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
 def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None,
@@ -417,57 +416,23 @@ def _num_experts(args) -> Optional[int]:
 
 
 def _check_model_shape(args) -> None:
-    cfg = _text_config(args.hf_config)
-    tp = args.tensor_model_parallel_size
-    heads = getattr(args, "num_attention_heads", None) or _first(cfg, "num_attention_heads", "n_head")
-    kv_heads = (getattr(args, "num_query_groups", None)
-                or _first(cfg, "num_key_value_heads", "multi_query_group_num", "num_kv_heads") or heads)
-    label = _model_label(args)
-    experts = _num_experts(args)
-    ffn = getattr(args, "ffn_hidden_size", None) or _first(cfg, "intermediate_size", "ffn_hidden_size")
-    constraints = {}
-    if heads is not None:
-        constraints["num_attention_heads"] = heads
-        constraints["num_key_value_heads"] = kv_heads
-    if ffn is not None and experts is None:  # dense MLP (MoE layers are checked against EP/ETP)
-        constraints["FFN size"] = ffn
-    if any(value % tp for value in constraints.values()):
-        why = ""
-        if heads is not None and kv_heads % tp and tp > kv_heads:
-            why = "; Megatron cannot replicate KV heads, so TP may not exceed num_key_value_heads"
-        valid = _divisors(math.gcd(*constraints.values()))
-        raise ArgumentError(
-            f"argument --tensor_model_parallel_size: {tp} must divide "
-            f"{', '.join(f'{k} ({v})' for k, v in constraints.items())} of {label}{why}; "
-            f"valid tensor_model_parallel_size values: {_fmt(valid)}")
-    pp = args.pipeline_model_parallel_size
-    layers = getattr(args, "num_layers", None) or _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
-    if layers is not None and pp > 1:
-        first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
-        vpp = args.virtual_pipeline_model_parallel_size or 1
-        if first is None and last is None:
-            if layers % (pp * vpp):
-                what = "pipeline_model_parallel_size" + (" x virtual_pipeline_model_parallel_size" if vpp > 1 else "")
-                raise ArgumentError(
-                    f"argument --pipeline_model_parallel_size: {what} ({pp * vpp}) must divide the number of layers "
-                    f"({layers}) of {label}; valid pipeline_model_parallel_size values: "
-                    f"{_fmt(d for d in _divisors(layers) if (layers // d) % vpp == 0)} "
-                    f"(or set --decoder_first_pipeline_num_layers / --decoder_last_pipeline_num_layers)")
-        else:
-            rest = layers - (first or 0) - (last or 0)
-            middle = pp - (first is not None) - (last is not None)
-            if rest < 0 or (middle == 0 and rest) or (middle > 0 and rest % middle):
-                raise ArgumentError(
-                    f"argument --decoder_first_pipeline_num_layers/--decoder_last_pipeline_num_layers: the other "
-                    f"{middle} pipeline stage(s) cannot split the remaining {rest} of {layers} layers evenly")
-    ep = args.expert_model_parallel_size
-    if ep > 1:
-        if experts is None and args.hf_config is not None:
-            raise ArgumentError(f"argument --expert_model_parallel_size: {ep} > 1 needs a MoE model, but {label} "
-                                f"has no experts (config.json has none of {', '.join(EXPERT_KEYS)})")
-        if experts is not None and experts % ep:
-            raise ArgumentError(f"argument --expert_model_parallel_size: {ep} must divide the number of experts "
-                                f"({experts}) of {label}; valid values: {_fmt(_divisors(experts))}")
+    """The model layer's shape check (``megatron_swift.model.shapes``) on config.json plus the
+    shape overrides of the command line."""
+    from megatron_swift.model.shapes import LayoutError, check_layout, layout_of
+
+    cfg = dict(_text_config(args.hf_config))
+    for arg, key in (("num_attention_heads", "num_attention_heads"), ("num_query_groups", "num_key_value_heads"),
+                     ("ffn_hidden_size", "intermediate_size"), ("num_layers", "num_hidden_layers")):
+        if getattr(args, arg, None) is not None:
+            cfg[key] = getattr(args, arg)
+    if cfg.get("num_attention_heads") is None and cfg.get("n_head") is not None:
+        cfg["num_attention_heads"] = cfg["n_head"]
+    family = cfg.get("model_type") or getattr(args, "model_type", None)
+    try:
+        check_layout(family, cfg, layout_of(vars(args)), where=_model_label(args), num_experts=_num_experts(args),
+                     training=args.command in ("sft", "pt", "rlhf"))
+    except LayoutError as e:
+        raise ArgumentError(f"argument --{e.argument.replace('/', '/--')}: {e.value} {e.detail}") from None
 
 
 # ----------------------------------------------------------------------------------- world size

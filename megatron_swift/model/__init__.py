@@ -1,11 +1,23 @@
-"""HF config -> Megatron-Core GPT model (TransformerConfig, layer spec, GPTModel chunks)."""
+"""HF config -> Megatron-Core GPT model (TransformerConfig, layer spec, GPTModel chunks).
 
-from .builder import build_model, decoder_block_spec, unwrap
-from .config import GPTSettings, load_hf_config, padded_vocab_size, transformer_config_from_hf
-from .families import FAMILIES, UnsupportedModelError, family_for, supported_model_types
+Names are imported on first use, so torch-free parts (``families``, ``shapes``, ``hf_fields``) can
+be used by the argument validator without importing torch or megatron.
+"""
 
-__all__ = [
-    "FAMILIES", "GPTSettings", "UnsupportedModelError", "build_model", "decoder_block_spec",
-    "family_for", "load_hf_config", "padded_vocab_size", "supported_model_types",
-    "transformer_config_from_hf", "unwrap",
-]
+import importlib
+
+_EXPORTS = {
+    "build_model": "builder", "decoder_block_spec": "builder", "unwrap": "builder",
+    "GPTSettings": "config", "load_hf_config": "config", "padded_vocab_size": "config",
+    "transformer_config_from_hf": "config",
+    "FAMILIES": "families", "ModelFamily": "families", "UnsupportedModelError": "families",
+    "family_for": "families", "register_family": "families", "supported_model_types": "families",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

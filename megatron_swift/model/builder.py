@@ -90,7 +90,49 @@ def decoder_block_spec(config, vp_stage: Optional[int] = None, pp_rank: Optional
     spec = _swap_modules(copy.copy(spec), replacements)
     if not use_te:
         _moe_norm_keys_as_te(spec)
+        if getattr(config, "multi_latent_attention", False):
+            _mla_replicated_down_projections(spec)
     return spec
+
+
+def _mla_replicated_down_projections(block_spec) -> None:
+    """MLA's down projections replicated on every TP rank, as Transformer Engine's spec has them
+    (``TELinear`` duplicated). megatron-core's local spec column-splits them and all-gathers the
+    output instead, and then (0.16) never reduces the gradient of the rope key ``k_pos_emb`` over
+    the TP ranks' heads: weight gradients are wrong at TP > 1. With megatron-core's replicated
+    ``Linear`` (the class MLA accepts besides the TE/column-parallel ones) and sequence
+    parallelism, the gradient is reduce-scattered like on a GPU, and checkpoints hold the same
+    (replicated) tensors as TE's. Without sequence parallelism TP > 1 is refused for training
+    (``ModelFamily.tp_needs_sp``)."""
+    from megatron.core.post_training.modelopt.layers import Linear
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    for layer in getattr(block_spec, "layer_specs", None) or []:
+        attn = getattr(layer.submodules, "self_attention", None)
+        sub = getattr(attn, "submodules", None)
+        if sub is None or not hasattr(sub, "linear_kv_down_proj"):
+            continue
+        attn.submodules = dataclasses.replace(sub, linear_q_down_proj=Linear, linear_kv_down_proj=Linear)
+        # checkpoint keys as Transformer Engine's MLA spec writes them (norms fused into the next
+        # linear), so checkpoints move between a CPU (local) and a GPU (TE) run
+        keys = dict(layer.submodules.sharded_state_dict_keys_map)
+        keys["self_attention.q_layernorm."] = "self_attention.linear_q_up_proj.layer_norm_"
+        keys["self_attention.kv_layernorm."] = "self_attention.linear_kv_up_proj.layer_norm_"
+        if getattr(layer.submodules.mlp, "module", None) is not MoELayer:
+            keys["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+        layer.submodules = dataclasses.replace(layer.submodules, sharded_state_dict_keys_map=keys)
+
+
+def _init_replicated_linears(model, config) -> None:
+    """megatron-core's replicated ``Linear`` keeps torch's default init; give it the model's."""
+    from megatron.core.post_training.modelopt.layers import Linear
+
+    if not config.perform_initialization:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module) is Linear:
+                config.init_method(module.weight)
 
 
 def _moe_norm_keys_as_te(block_spec) -> None:
@@ -173,10 +215,13 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
                 share_embeddings_and_output_weights=settings.share_embeddings_and_output_weights,
                 position_embedding_type="rope",
                 rotary_base=settings.rotary_base,
+                rotary_percent=settings.rotary_percent,
                 parallel_output=True,
                 vp_stage=stage,
             )
         set_tensor_parallel_attributes(model)  # megatron-core < 0.17 marks TP weights only when it inits them
+        if not meta:
+            _init_replicated_linears(model, config)
         _apply_rope_parameters(model, hf_config, settings)
         mask_padded_vocab(model, settings.vocab_size, settings.padded_vocab_size)
         model.hf_vocab_size = settings.vocab_size  # the real vocabulary (model.vocab_size is the padded one)

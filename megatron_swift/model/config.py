@@ -13,14 +13,16 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron_swift.platform import get_platform
 
-from .families import ModelFamily, family_for
+from .families import COMMON_CONFIG_MAP, ModelFamily, family_for
+from .hf_fields import rope_parameters as rope_parameters_of
+from .shapes import check_layout, layout_of
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,8 @@ class GPTSettings:
     # the builder then takes inv_freq from transformers' own rope init for exactly these.
     rope_parameters: Optional[dict]
     family: ModelFamily
+    # the share of each head's dims that gets rope (HF partial_rotary_factor; GLM-4.5: 0.5)
+    rotary_percent: float = 1.0
 
 
 def load_hf_config(model_dir: str, trust_remote_code: bool = False):
@@ -99,48 +103,6 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def _moe_layer_pattern(hf_config) -> Any:
-    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
-    dense = set(getattr(hf_config, "mlp_only_layers", None) or [])
-    pattern = [
-        0 if (i in dense or (i + 1) % step != 0) else 1 for i in range(hf_config.num_hidden_layers)
-    ]
-    return 1 if all(pattern) else pattern
-
-
-def _moe_fields(hf_config, family: ModelFamily) -> dict:
-    if family.moe is None:
-        return {}
-    if family.moe == "mixtral":
-        num_experts = hf_config.num_local_experts
-        expert_ffn = hf_config.intermediate_size
-        normalize_topk = True  # softmax over the top-k logits
-    else:
-        num_experts = hf_config.num_experts
-        expert_ffn = hf_config.moe_intermediate_size
-        normalize_topk = bool(getattr(hf_config, "norm_topk_prob", False))
-    fields = dict(
-        num_moe_experts=num_experts,
-        moe_ffn_hidden_size=expert_ffn,
-        moe_router_topk=hf_config.num_experts_per_tok,
-        # HF: softmax over all experts, top-k, renormalise iff norm_topk_prob. Megatron's
-        # default (softmax over the top-k logits) equals the renormalised form; pre_softmax
-        # reproduces the un-normalised one.
-        moe_router_pre_softmax=not normalize_topk,
-        moe_aux_loss_coeff=float(getattr(hf_config, "router_aux_loss_coef", 0.0) or 0.0),
-        moe_router_load_balancing_type="aux_loss",
-        moe_router_dtype="fp32",
-        moe_token_dispatcher_type="alltoall",
-        moe_layer_freq=_moe_layer_pattern(hf_config),
-    )
-    if family.moe == "qwen2_moe":
-        fields.update(
-            moe_shared_expert_intermediate_size=hf_config.shared_expert_intermediate_size,
-            moe_shared_expert_gate=True,
-        )
-    return fields
-
-
 def _check_supported(hf_config, where: str) -> None:
     act = getattr(hf_config, "hidden_act", "silu")
     if act != "silu":
@@ -160,42 +122,51 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
 
     family = family_for(hf_config.model_type, where)
     _check_supported(hf_config, where)
+    if family.check_config is not None:
+        family.check_config(hf_config)
     overrides = dict(overrides or {})
     num_heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
     qkv_bias = family.qkv_bias
     if isinstance(qkv_bias, str):
         qkv_bias = bool(getattr(hf_config, qkv_bias, False))
-    theta, rope_parameters = _rope(hf_config)
+    mla = family.config_class == "mla"
+    if mla:  # MLA's rope (default or YaRN) is part of its own config fields
+        theta, rope_parameters = float(rope_parameters_of(hf_config).get("rope_theta", 10000.0)), None
+    else:
+        theta, rope_parameters = _rope(hf_config)
 
     fields = dict(
-        num_layers=hf_config.num_hidden_layers,
-        hidden_size=hf_config.hidden_size,
-        ffn_hidden_size=hf_config.intermediate_size,
-        num_attention_heads=num_heads,
         num_query_groups=getattr(hf_config, "num_key_value_heads", None) or num_heads,
         kv_channels=head_dim,
         normalization="RMSNorm",
-        layernorm_epsilon=hf_config.rms_norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=qkv_bias,
         qk_layernorm=family.qk_layernorm,
         hidden_dropout=0.0,
-        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
-        init_method_std=getattr(hf_config, "initializer_range", 0.02),
         attention_softmax_in_fp32=True,
         apply_query_key_layer_scaling=False,
         # fusions the caller leaves out are filled in by the platform from what this machine has
         transformer_impl="transformer_engine" if get_platform().has_transformer_engine else "local",
     )
-    fields.update(_moe_fields(hf_config, family))
+    # the declarative part: HF config key -> TransformerConfig field
+    for hf_key, name in COMMON_CONFIG_MAP + tuple(family.config_map):
+        value = getattr(hf_config, hf_key, None)
+        if value is not None:
+            fields[name] = value
+    fields["attention_dropout"] = float(fields.get("attention_dropout") or 0.0)
+    if family.config_fields is not None:
+        fields.update(family.config_fields(hf_config))
 
     settings_keys = {"padded_vocab_size", "max_sequence_length", "rotary_base",
                      "share_embeddings_and_output_weights"}
     settings_overrides = {k: overrides.pop(k) for k in list(overrides) if k in settings_keys}
-    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    config_class = TransformerConfig
+    if mla:
+        from megatron.core.transformer.transformer_config import MLATransformerConfig as config_class
+    known = {f.name for f in dataclasses.fields(config_class)}
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown Megatron model setting(s): {', '.join(unknown)}")
@@ -210,10 +181,16 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
     fields.setdefault("pipeline_dtype", dtype)
 
     tp = fields.get("tensor_model_parallel_size", 1)
-    _check_divisible(fields, tp, where)
+    shape = dict(hf_config.to_dict(), num_attention_heads=fields["num_attention_heads"],
+                 num_hidden_layers=fields["num_layers"])
+    if not mla:
+        shape["num_key_value_heads"] = fields["num_query_groups"]
+    if fields.get("num_moe_experts"):
+        shape["num_experts"] = fields["num_moe_experts"]
+    check_layout(family, shape, layout_of(fields), where=where)
     for change in get_platform().adjust_model_fields(fields):
         logger.info("platform: %s", change)
-    config = TransformerConfig(**fields)
+    config = config_class(**fields)
 
     vocab = hf_config.vocab_size
     settings = GPTSettings(
@@ -226,6 +203,8 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
         rotary_base=settings_overrides.get("rotary_base") or theta,
         rope_parameters=rope_parameters,
         family=family,
+        rotary_percent=float(rope_parameters_of(hf_config).get("partial_rotary_factor")
+                             or getattr(hf_config, "partial_rotary_factor", None) or 1.0),
     )
     if settings.padded_vocab_size % tp or settings.padded_vocab_size < vocab:
         raise ValueError(
@@ -233,25 +212,3 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
             f"divisible by tensor_model_parallel_size {tp}"
         )
     return config, settings
-
-
-def _valid_sizes(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _check_divisible(fields: dict, tp: int, where: str) -> None:
-    heads, groups = fields["num_attention_heads"], fields["num_query_groups"]
-    for name, n in (("num_attention_heads", heads), ("num_key_value_heads", groups)):
-        if n % tp:
-            valid = [d for d in _valid_sizes(heads) if groups % d == 0]
-            raise ValueError(
-                f"tensor_model_parallel_size={tp} does not divide {name}={n} ({where}); "
-                f"valid tensor_model_parallel_size values: {valid}"
-            )
-    experts = fields.get("num_moe_experts")
-    ep = fields.get("expert_model_parallel_size", 1)
-    if experts and experts % ep:
-        raise ValueError(
-            f"expert_model_parallel_size={ep} does not divide num_experts={experts} ({where}); "
-            f"valid expert_model_parallel_size values: {_valid_sizes(experts)}"
-        )

@@ -64,6 +64,17 @@ class TopKRouter(_MegatronTopKRouter):
             share = share * self._per_token_scale(group_tokens)
         return MoEAuxLossAutoScaler.apply(probs, share)
 
+    def _apply_expert_bias(self, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """The token counts behind the expert-bias update (aux-loss-free balancing), padding left out.
+        megatron-core 0.16 masks the ``[tokens, experts]`` routing map with the ``[tokens]``
+        padding mask directly, a broadcast error whenever a padding mask is passed (every padded
+        or packed batch); the mask belongs on the token dim."""
+        if self.enable_expert_bias and torch.is_grad_enabled():
+            with torch.no_grad():
+                if padding_mask is not None:
+                    routing_map = routing_map & ~padding_mask.reshape(-1, 1).bool()
+                self.local_tokens_per_expert += routing_map.sum(dim=0)
+
     def _apply_aux_loss(self, probs, scores_for_aux_loss, routing_map, with_padding_mask: bool = False):
         coeff = self.get_aux_loss_coeff("aux_loss")
         if coeff == 0:

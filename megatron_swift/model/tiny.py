@@ -2,10 +2,12 @@
 
 They are real transformers configs (built by transformers' own config classes), just small:
 2-4 layers, hidden 64, GQA with 2 KV heads, a vocab that is not a multiple of 128 so vocab
-padding is exercised.
+padding is exercised. Each family's own overrides are its ``ModelFamily.tiny``.
 """
 
 from __future__ import annotations
+
+from .families import families
 
 TINY_VOCAB = 1000
 
@@ -22,28 +24,43 @@ _COMMON = dict(
     tie_word_embeddings=False,
 )
 
-TINY_OVERRIDES: dict[str, dict] = {
-    "llama": dict(rope_theta=10000.0),
-    "qwen2": dict(rope_theta=1000000.0),
-    "qwen3": dict(head_dim=32, rope_theta=1000000.0),
-    "qwen2_moe": dict(
-        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        shared_expert_intermediate_size=64, norm_topk_prob=False, router_aux_loss_coef=0.001,
-    ),
-    "qwen3_moe": dict(
-        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-        norm_topk_prob=True, router_aux_loss_coef=0.001,
-    ),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.001),
-}
+
+class _TinyOverrides(dict):
+    """``TINY_OVERRIDES``: family name -> its tiny overrides (a live view of the registry)."""
+
+    def _fresh(self):
+        return {name: f.tiny for name, f in families().items() if f.tiny}
+
+    def __getitem__(self, key):
+        return self._fresh()[key]
+
+    def __contains__(self, key):
+        return key in self._fresh()
+
+    def __iter__(self):
+        return iter(self._fresh())
+
+    def __len__(self):
+        return len(self._fresh())
+
+    def keys(self):
+        return self._fresh().keys()
+
+    def items(self):
+        return self._fresh().items()
+
+
+TINY_OVERRIDES = _TinyOverrides()
 
 
 def tiny_hf_config(model_type: str, **overrides):
-    """A transformers config object for ``model_type`` ("llama", "qwen2", "qwen3", ...)."""
+    """A transformers config object for ``model_type`` ("llama", "qwen2", "deepseek_v3", ...)."""
     from transformers import AutoConfig
 
-    if model_type not in TINY_OVERRIDES:
-        raise ValueError(f"no tiny config for {model_type!r}; have {sorted(TINY_OVERRIDES)}")
-    kwargs = dict(_COMMON, **TINY_OVERRIDES[model_type])
+    fams = families()
+    if model_type not in fams or not fams[model_type].tiny:
+        raise ValueError(f"no tiny config for {model_type!r}; have {sorted(n for n, f in fams.items() if f.tiny)}")
+    family = fams[model_type]
+    kwargs = dict(_COMMON, **family.tiny)
     kwargs.update(overrides)
-    return AutoConfig.for_model(model_type, **kwargs)
+    return AutoConfig.for_model(family.model_types[0], **kwargs)

@@ -59,6 +59,17 @@ def _alltoall_split_sizes_as_lists() -> None:
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
 
 
+def _mla_without_transformer_engine() -> None:
+    """``multi_latent_attention`` sets ``HAVE_TE = True`` whenever megatron's TE extension module
+    imports, which it does without Transformer Engine too (``TELinear`` is then a MagicMock
+    placeholder); MLA's constructor calls ``isinstance(self.linear_proj, TELinear)`` and fails
+    (TypeError). Where ``TELinear`` is not a class, ``HAVE_TE`` is set to what it means."""
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    if not isinstance(getattr(mla, "TELinear", None), type) and getattr(mla, "HAVE_TE", False):
+        mla.HAVE_TE = False
+
+
 def set_tensor_parallel_attributes(model) -> int:
     """megatron-core's local layers (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)
     mark their weights ``tensor_model_parallel`` / ``partition_dim`` only inside the weight-init
@@ -228,6 +239,8 @@ def writer_queue_dies_with_trainer() -> bool:
 WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround("alltoall_split_sizes_as_lists", _alltoall_split_sizes_as_lists.__doc__,
                (0, 14, 0), (0, 17, 0), ("cpu",), _alltoall_split_sizes_as_lists),
+    Workaround("mla_without_transformer_engine", _mla_without_transformer_engine.__doc__,
+               (0, 14, 0), (0, 17, 0), ("cpu", "cuda"), _mla_without_transformer_engine),
 )
 
 _applied: set[str] = set()

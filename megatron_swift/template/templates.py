@@ -407,10 +407,14 @@ def template_for_model(model_type: Optional[str] = None, chat_template: Optional
             if "You are a helpful assistant" in ct:
                 return "qwen"
             return "chatml"
-    by_type = {"qwen3": "qwen3", "qwen3_moe": "qwen3", "qwen2": "qwen2_5", "qwen2_moe": "qwen", "llama": "llama3",
-               "mistral": "mistral", "mixtral": "mistral"}
-    if model_type in by_type:
-        return by_type[model_type]
+    from megatron_swift.model.families import family_for
+
+    try:
+        default = family_for(model_type).template if model_type else None
+    except ValueError:
+        default = None
+    if default is not None:  # the family's declared default template
+        return default
     raise ValueError(
         f"cannot choose a chat template for model_type {model_type!r}"
         + (" (its tokenizer's chat_template matches no built-in family)" if ct else " (its tokenizer has no chat_template)")
