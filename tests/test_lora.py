@@ -12,8 +12,11 @@ expert adapters reduced as dense parameters (0.68-0.79).
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
+import torch
 
 from helpers import TESTS, python_script, torchrun
 
@@ -54,3 +57,180 @@ def test_layer_parity_tp2_sp_and_sensitivity(tmp_path):
     for sp in (0, 1):
         broken = results[f"expert_allreduce:expert_fc1/sp{sp}"]
         assert broken["grad_A"] > 0.1 and broken["grad_B"] > 0.1
+
+
+# --------------------------------------------------------------------------- training through the CLI
+
+def _lora_sft(model, dataset, save, *extra, nproc=1, check=True):
+    from helpers import megatron
+
+    proc = megatron("sft", "--model", model, "--dataset", dataset, "--train_type", "lora", "--lora_dropout", "0",
+                    "--lora_rank", "4", "--lora_alpha", "4", "--init_weights", "false",  # B non-zero from step 1
+                    "--micro_batch_size", "2", "--global_batch_size", "8", "--lr", "1e-3", "--log_interval", "1",
+                    "--save", save, "--add_version", "false", "--split_dataset_ratio", "0", "--seed", "7",
+                    *map(str, extra), nproc=nproc)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _losses(save) -> dict:
+    with open(os.path.join(save, "logging.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return {r["iteration"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _adapter_tensors(directory) -> dict:
+    """The un-sharded adapter tensors of an adapter checkpoint (megatron's resharding)."""
+    from megatron.core.dist_checkpointing import load_tensors_metadata
+    from megatron.core.dist_checkpointing.serialization import load_plain_tensors
+
+    keys = list(load_tensors_metadata(str(directory)))
+    assert keys and all(".lora_" in k for k in keys), [k for k in keys if ".lora_" not in k][:5]
+    return {k: v for k, v in load_plain_tensors(str(directory)).items() if k.startswith(("decoder.", "optimizer."))}
+
+
+@pytest.fixture(scope="module")
+def demo_models(tmp_path_factory):
+    from megatron_swift.demo import prepare, prepare_model
+
+    out = tmp_path_factory.mktemp("lora_demo")
+    paths = prepare(str(out))
+    paths["moe"] = prepare_model(str(out / "tiny-qwen3_moe"), "qwen3_moe")
+    return paths
+
+
+def _assert_same_run(ref, other, iterations, adapters_at=None):
+    ref_losses, losses = _losses(ref), _losses(other)
+    for it in iterations:
+        assert losses[it] == pytest.approx(ref_losses[it], rel=1e-5, abs=1e-6), (it, losses, ref_losses)
+    if adapters_at:
+        a = _adapter_tensors(ref / adapters_at)
+        b = _adapter_tensors(other / adapters_at)
+        lora_keys = [k for k in a if k.startswith("decoder.")]
+        assert lora_keys and set(lora_keys) <= set(b)
+        for k in lora_keys:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.slow
+def test_lora_training_layouts_and_resume_match_tp1(demo_models, tmp_path, megatron_world1):
+    """5 Adam steps of LoRA through `megatron sft`: TP2+SP equals TP1 (losses each step, adapters
+    after training); its TP2 adapter checkpoint at step 3 resumes at PP2 and continues exactly
+    as the uninterrupted TP1 run; the checkpoints hold adapters (+ their optimizer state) only."""
+    model, data = demo_models["model"], demo_models["dataset"]
+    tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
+    _lora_sft(model, data, tp1, "--train_iters", 5, "--save_interval", 3)
+    _lora_sft(model, data, tp2, "--train_iters", 5, "--save_interval", 3, "--tensor_model_parallel_size", 2,
+              "--sequence_parallel", "true", nproc=2)
+    _assert_same_run(tp1, tp2, range(1, 6), adapters_at="iter_0000005")
+    assert _losses(tp1)[5] < _losses(tp1)[1]  # it learns
+    resumed = tmp_path / "pp2"
+    resumed.mkdir()
+    shutil.copytree(tp2 / "iter_0000003", resumed / "iter_0000003")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("3")
+    _lora_sft(model, data, resumed, "--train_iters", 5, "--save_interval", 3, "--adapter_load", resumed,
+              "--pipeline_model_parallel_size", 2, nproc=2)
+    _assert_same_run(tp1, resumed, (4, 5), adapters_at="iter_0000005")
+
+
+@pytest.mark.slow
+def test_lora_moe_expert_parallel_matches_one_process(demo_models, tmp_path, megatron_world1):
+    """Per-expert adapters at EP2 (expert grads on the expert-data-parallel reduce) = one process."""
+    ref, ep2 = tmp_path / "ref", tmp_path / "ep2"
+    _lora_sft(demo_models["moe"], demo_models["dataset"], ref, "--train_iters", 3)
+    _lora_sft(demo_models["moe"], demo_models["dataset"], ep2, "--train_iters", 3, "--expert_model_parallel_size", 2,
+              nproc=2)
+    _assert_same_run(ref, ep2, range(1, 4), adapters_at="iter_0000003")
+    assert any(".experts." in k for k in _adapter_tensors(ref / "iter_0000003"))
+
+
+# --------------------------------------------------------------------------- bad input (fast)
+
+def _sft_args(tmp_path, *extra):
+    from test_cli_args import data_file, make_model
+
+    from megatron_swift.args import parse_args
+
+    return parse_args("sft", ["--model", make_model(tmp_path), "--dataset", data_file(), "--train_iters", "2",
+                              *map(str, extra)], world_size=1)
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--train_type", "lora", "--lora_rank", "0"], "--lora_rank"),
+    (["--train_type", "lora", "--lora_alpha", "0"], "--lora_alpha"),
+    (["--train_type", "lora", "--init_weights", "pissa"], "--init_weights"),
+    (["--train_type", "lora", "--use_dora", "true"], "--use_dora"),
+    (["--train_type", "lora", "--target_modules", "all-router"], "--target_modules"),
+    (["--train_type", "lora", "--adapters", "x"], "--adapters"),
+    (["--train_type", "lora", "--save_safetensors", "true"], "--save_safetensors"),
+    (["--train_type", "lora", "--freeze_parameters", "embedding"], "--freeze_parameters"),
+    (["--lora_rank", "4"], "--lora_rank"),  # a LoRA option with full training
+])
+def test_bad_lora_arguments_are_refused_before_workers_start(tmp_path, extra, named):
+    from megatron_swift.args.errors import ArgumentError
+
+    with pytest.raises(ArgumentError) as info:
+        _sft_args(tmp_path, *extra)
+    assert named in str(info.value)
+
+
+@pytest.fixture
+def tiny_chunks(megatron_world1):
+    from megatron_swift.model import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+
+    def build(family="qwen3", **kw):
+        return build_model(tiny_hf_config(family, num_hidden_layers=2, **kw), dict(use_cpu_initialization=True))
+
+    return build
+
+
+@pytest.mark.parametrize("settings, named", [
+    (dict(target_modules=("q_proj", "v_proj")), "--target_modules q_proj v_proj"),  # partial fused: canonical mode
+    (dict(target_modules=("nothing",)), "--target_modules nothing"),
+    (dict(target_regex=r"no\.such\.layer"), "--target_regex"),
+    (dict(rank=0), "--lora_rank"),
+    (dict(alpha=0), "--lora_alpha"),
+    (dict(init_weights="olora"), "--init_weights"),
+])
+def test_bad_lora_settings_name_the_argument(tiny_chunks, settings, named):
+    from megatron_swift.tuners.lora import LoraSettings, apply_lora_everywhere
+
+    chunks, config, _ = tiny_chunks()
+    with pytest.raises(ValueError) as info:
+        apply_lora_everywhere(chunks, config, LoraSettings(**settings))
+    assert named in str(info.value)
+
+
+def test_modules_to_save_with_tied_embeddings_is_refused(tiny_chunks):
+    from megatron_swift.tuners.lora import LoraSettings, apply_lora
+
+    chunks, config, _ = tiny_chunks("llama", tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="--modules_to_save"):
+        apply_lora(chunks, config, LoraSettings(modules_to_save=("word_embeddings",)))
+
+
+def test_frozen_base_has_no_grad_buffers_or_optimizer_state(tiny_chunks):
+    """megatron's DDP allocates grad buffers for the adapters only; the optimizer holds only them;
+    init does not depend on the layout (the global draw is seeded by the parameter's name)."""
+    from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, wrap_ddp
+    from megatron_swift.tuners.lora import LoraSettings, _init_global, apply_lora
+
+    chunks, config, _ = tiny_chunks()
+    counts = apply_lora(chunks, config, LoraSettings(rank=4, modules_to_save=("final_layernorm",)))
+    assert counts["adapted"] == 8  # 4 linears x 2 layers
+    opt = OptimizerSettings(lr=1e-4, use_distributed_optimizer=False)
+    ddp = wrap_ddp(chunks, config, opt)
+    optimizer = build_optimizer(ddp, config, opt)
+    trainable = {n for n, p in ddp[0].named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or "final_layernorm" in n for n in trainable) and len(trainable) == 17
+    buffered = sum(b.numel_unpadded if hasattr(b, "numel_unpadded") else b.grad_data.numel() for b in ddp[0].buffers)
+    assert buffered <= counts["trainable"] + 64 * len(ddp[0].buffers)  # (bucket padding)
+    held = [p for g in optimizer.param_groups for p in g["params"]]
+    assert sum(p.numel() for p in held) == counts["trainable"]
+    qkv = ddp[0].module.decoder.layers[1].self_attention.linear_qkv
+    expected = _init_global("A", tuple(qkv.lora_A.weight.shape), LoraSettings(rank=4),
+                            "decoder.layers.1.self_attention.linear_qkv.lora_A.weight")
+    torch.testing.assert_close(qkv.lora_A.weight.data, expected.float())
+    assert not qkv.lora_B.weight.any()  # default init: B = 0

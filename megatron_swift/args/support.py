@@ -40,13 +40,37 @@ TRAIN = ("pt", "sft", "rlhf")
 ALL = ("pt", "sft", "rlhf", "export")
 
 
+LORA_INITS = ("true", "false", "gaussian")
+
+
 def _lora(args, caps):
-    if args.train_type == "lora":
-        return ("argument --train_type lora: LoRA training on Megatron-Core is not built yet; use --train_type "
-                "full (with --freeze_parameters / --trainable_parameters to train part of the model)")
-    given = [n for n in LORA_FIELDS + ("merge_lora", "adapters", "adapter_load") if _given(args, n)]
+    if args.train_type != "lora":
+        given = [n for n in LORA_FIELDS + ("merge_lora", "adapters", "adapter_load") if _given(args, n)]
+        if given:
+            return f"argument --{given[0]}: applies to LoRA training (--train_type lora)"
+        return None
+    if args.command == "rlhf":
+        return "argument --train_type lora: LoRA for `megatron rlhf` is not built yet; use --train_type full"
+    if str(args.init_weights).lower() not in LORA_INITS:
+        return (f"argument --init_weights {args.init_weights}: built are {', '.join(LORA_INITS)} (PiSSA, OLoRA, "
+                f"LoftQ are not)")
+    for name in ("all-embedding", "all-router"):
+        if name in args.target_modules:
+            return (f"argument --target_modules {name}: LoRA on embeddings / routers is not built; train the "
+                    f"embedding fully with --modules_to_save word_embeddings")
+    if args.adapters:
+        return ("argument --adapters: loading PEFT adapters into the mcore model is not built yet; resume an mcore "
+                "adapter checkpoint with --adapter_load")
+    if args.merge_lora:
+        return "argument --merge_lora: merging after training is not built yet (the run saves the adapter)"
+    if args.save_safetensors:
+        return ("argument --save_safetensors: the PEFT-format copy of a LoRA checkpoint is not built yet (the run "
+                "saves an mcore adapter checkpoint)")
+    given = [n for n in ("freeze_parameters", "freeze_parameters_regex", "freeze_parameters_ratio",
+                         "trainable_parameters", "trainable_parameters_regex") if _given(args, n)]
     if given:
-        return f"argument --{given[0]}: applies to LoRA training (--train_type lora), which is not built yet"
+        return (f"argument --{given[0]}: applies to --train_type full; with LoRA only the adapters (and "
+                f"--modules_to_save, --lora_bias all) are trained")
     return None
 
 

@@ -554,7 +554,8 @@ def _check_save_dir(args) -> None:
     problem = _writable(save)
     if problem:
         raise ArgumentError(f"argument --save {args.save}: {problem}")
-    resuming = args.load is not None and os.path.abspath(os.path.expanduser(args.load)) == os.path.abspath(save)
+    resumed_from = args.adapter_load if args.train_type == "lora" else args.load  # LoRA: --load is the base
+    resuming = resumed_from is not None and os.path.abspath(os.path.expanduser(resumed_from)) == os.path.abspath(save)
     if args.add_version and not resuming:
         return  # a new v<N>-<timestamp> directory inside it
     if resuming or args.overwrite_output_dir or not os.path.isdir(save):
@@ -565,7 +566,8 @@ def _check_save_dir(args) -> None:
     except layout.CheckpointError as exc:
         what = f"checkpoints ({exc})"
     if what:
-        raise ArgumentError(f"argument --save {args.save}: it already holds {what}; resume that run with --load "
+        how = "--adapter_load" if args.train_type == "lora" else "--load"
+        raise ArgumentError(f"argument --save {args.save}: it already holds {what}; resume that run with {how} "
                             f"{args.save}, write elsewhere (another --save, or --add_version true), or start over "
                             f"in it with --overwrite_output_dir true (deletes them)")
 

@@ -364,3 +364,20 @@ def lora_plus_overrides(settings: LoraSettings, lr: float, min_lr: float) -> Opt
 
     k = settings.lorap_lr_ratio
     return {ParamKey(name="*.lora_B.weight"): ParamGroupOverride(max_lr=lr * k, min_lr=min_lr * k)}
+
+
+def apply_lora_everywhere(chunks: list, config, settings: LoraSettings) -> dict:
+    """``apply_lora`` on this rank's chunks, then (collective) checks the targets matched some layer
+    somewhere in the model and logs the trainable share."""
+    import logging
+
+    counts = apply_lora(chunks, config, settings)
+    totals = torch.tensor([counts["adapted"], counts["trainable"], counts["frozen"]], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)  # sums over replicas too: only the zero test and ratio matter
+    check_targets_matched(int(totals[0].item()), settings)
+    logging.getLogger("megatron_swift").info(
+        "LoRA rank %d alpha %g on %d linear layers (this rank): %d trainable parameter elements, %d frozen "
+        "(%.3f%% trainable)", settings.rank, settings.alpha, counts["adapted"], counts["trainable"],
+        counts["frozen"], 100.0 * totals[1].item() / max(totals[1].item() + totals[2].item(), 1))
+    return counts
