@@ -135,6 +135,45 @@ def test_lora_training_layouts_and_resume_match_tp1(demo_models, tmp_path, megat
     _lora_sft(model, data, resumed, "--train_iters", 5, "--save_interval", 3, "--adapter_load", resumed,
               "--pipeline_model_parallel_size", 2, nproc=2)
     _assert_same_run(tp1, resumed, (4, 5), adapters_at="iter_0000005")
+    _check_export(model, tp2, tmp_path)
+
+
+def _check_export(model, adapter_dir, tmp_path):
+    """`megatron export --mcore_adapters` of the TP2 run (exported by one process): the PEFT dir loads
+    in PeftModel with every tensor used; --merge_lora true equals PEFT's merge_and_unload() (fp32)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import megatron
+
+    peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
+    for out, merge in ((peft_dir, "false"), (merged_dir, "true")):
+        proc = megatron("export", "--mcore_adapters", adapter_dir, "--to_hf", "true", "--merge_lora", merge,
+                        "--output_dir", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 4 and not cfg["use_rslora"]
+    assert sorted(cfg["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj"])
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, peft_dir)
+    saved = load_file(peft_dir / "adapter_model.safetensors")
+    loaded = {k for k in peft_model.state_dict() if ".lora_" in k}
+    assert len(loaded) == len(saved) > 0
+    reference = peft_model.merge_and_unload().state_dict()
+    merged = {}
+    for f in merged_dir.glob("*.safetensors"):
+        merged.update(load_file(f))
+    assert set(merged) <= set(reference) and len(merged) >= len(reference) - 1  # (lm_head tied)
+    original = {}
+    for f in __import__("pathlib").Path(model).glob("*.safetensors"):
+        original.update(load_file(f))
+    changed = 0
+    for key, value in merged.items():
+        torch.testing.assert_close(value, reference[key].to(value.dtype), rtol=1e-5, atol=1e-6, msg=key)
+        changed += int(key.endswith("proj.weight") and not torch.equal(value, original[key]))
+    assert changed == 4 * 7  # every adapted projection of the 4 layers changed (the adapter is not zero)
 
 
 @pytest.mark.slow

@@ -248,9 +248,15 @@ def _backend(args, caps):
 
 
 def _export_only(args, caps):
-    if args.merge_lora or args.mcore_adapters:
-        name = "merge_lora" if args.merge_lora else "mcore_adapters"
-        return f"argument --{name}: LoRA adapters are not built yet (export converts full checkpoints)"
+    if args.merge_lora and not args.mcore_adapters:
+        return "argument --merge_lora: needs --mcore_adapters (the LoRA adapter checkpoint to merge)"
+    if len(args.mcore_adapters) > 1:
+        return "argument --mcore_adapters: one adapter checkpoint at a time"
+    if args.mcore_adapters and args.to_mcore:
+        return ("argument --mcore_adapters with --to_mcore: writing a merged mcore checkpoint is not built yet; "
+                "export with --to_hf true (--merge_lora true: a merged HF model, false: a PEFT adapter)")
+    if args.mcore_adapters and args.test_convert_precision:
+        return "argument --test_convert_precision: not built for LoRA adapter exports"
     if not args.safe_serialization:
         return "argument --safe_serialization false: HF weights are written as safetensors (.bin is not supported)"
     if args.push_to_hub:

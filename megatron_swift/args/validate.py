@@ -319,7 +319,11 @@ def _check_extra_megatron_kwargs(args) -> None:
 
 def _resolve_model(args) -> None:
     if args.model is None:
-        source = args.mcore_model if args.command == "export" else args.load
+        if args.command == "export":
+            source = args.mcore_model if args.mcore_model is not None or not args.mcore_adapters \
+                else args.mcore_adapters[0]
+        else:  # under LoRA the adapter checkpoint also names its base
+            source = args.load if args.load is not None or args.train_type != "lora" else args.adapter_load
         args.model = _model_from_args_json(source)
     if args.model is None:
         if args.command == "export" and args.to_hf:
@@ -658,9 +662,10 @@ def _check_rlhf(args) -> None:
 
 def _resolve_export(args, first_rank: bool = True) -> None:
     if args.to_hf:
-        if args.mcore_model is None:
+        if args.mcore_model is None and not args.mcore_adapters:
             raise ArgumentError("argument --mcore_model is required with --to_hf")
-        _check_checkpoint_dir("mcore_model", args.mcore_model, True)
+        if args.mcore_model is not None:
+            _check_checkpoint_dir("mcore_model", args.mcore_model, True)
     for path in args.mcore_adapters:
         _check_checkpoint_dir("mcore_adapters", path, True)
     if args.output_dir is None:
@@ -668,7 +673,8 @@ def _resolve_export(args, first_rank: bool = True) -> None:
             base = args.model_dir or os.path.join(".", _model_basename(args.model))
             args.output_dir = f"{os.path.normpath(base)}-mcore"
         else:
-            args.output_dir = f"{os.path.normpath(os.path.expanduser(args.mcore_model))}-hf"
+            source = args.mcore_model if args.mcore_model is not None else args.mcore_adapters[0]
+            args.output_dir = f"{os.path.normpath(os.path.expanduser(source))}-hf"
     if first_rank and os.path.exists(os.path.expanduser(args.output_dir)) and not args.exist_ok:
         raise ArgumentError(f"argument --output_dir: '{args.output_dir}' already exists "
                             f"(pass --exist_ok true to overwrite)")
