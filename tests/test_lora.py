@@ -136,6 +136,13 @@ def test_lora_training_layouts_and_resume_match_tp1(demo_models, tmp_path, megat
               "--pipeline_model_parallel_size", 2, nproc=2)
     _assert_same_run(tp1, resumed, (4, 5), adapters_at="iter_0000005")
     _check_export(model, tp2, tmp_path)
+    # --adapters: the exported PEFT adapter, imported for training, is the adapter of the TP2 run: the
+    # first step's loss equals a fresh start from its mcore checkpoint (--adapter_load --finetune)
+    _lora_sft(model, data, tmp_path / "from_peft", "--train_iters", 1, "--adapters", tmp_path / "peft",
+              "--tensor_model_parallel_size", 2, nproc=2)
+    _lora_sft(model, data, tmp_path / "from_mcore", "--train_iters", 1, "--adapter_load", tp2, "--finetune", "true")
+    _assert_same_run(tmp_path / "from_mcore", tmp_path / "from_peft", (1,))
+    assert _losses(tmp_path / "from_peft")[1] < _losses(tp1)[1] - 0.01  # the trained adapter is in use
 
 
 def _check_export(model, adapter_dir, tmp_path):
@@ -204,7 +211,7 @@ def _sft_args(tmp_path, *extra):
     (["--train_type", "lora", "--init_weights", "pissa"], "--init_weights"),
     (["--train_type", "lora", "--use_dora", "true"], "--use_dora"),
     (["--train_type", "lora", "--target_modules", "all-router"], "--target_modules"),
-    (["--train_type", "lora", "--adapters", "x"], "--adapters"),
+    (["--train_type", "lora", "--adapters", "x", "y"], "--adapters"),
     (["--train_type", "lora", "--save_safetensors", "true"], "--save_safetensors"),
     (["--train_type", "lora", "--freeze_parameters", "embedding"], "--freeze_parameters"),
     (["--lora_rank", "4"], "--lora_rank"),  # a LoRA option with full training

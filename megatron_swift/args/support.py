@@ -58,9 +58,8 @@ def _lora(args, caps):
         if name in args.target_modules:
             return (f"argument --target_modules {name}: LoRA on embeddings / routers is not built; train the "
                     f"embedding fully with --modules_to_save word_embeddings")
-    if args.adapters:
-        return ("argument --adapters: loading PEFT adapters into the mcore model is not built yet; resume an mcore "
-                "adapter checkpoint with --adapter_load")
+    if len(args.adapters) > 1:
+        return "argument --adapters: one PEFT adapter at a time"
     if args.merge_lora:
         return "argument --merge_lora: merging after training is not built yet (the run saves the adapter)"
     if args.save_safetensors:

@@ -529,6 +529,9 @@ def _check_training_paths(args) -> None:
         _check_resume_optimizer(args)
     if args.adapter_load is not None:
         _check_checkpoint_dir("adapter_load", args.adapter_load, args.exit_on_missing_checkpoint)
+    for path in args.adapters:
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json")):
+            raise ArgumentError(f"argument --adapters {path}: not a PEFT adapter directory (no adapter_config.json)")
     if args.command == "rlhf":
         if args.ref_load is not None:
             _check_checkpoint_dir("ref_load", args.ref_load, args.exit_on_missing_checkpoint)

@@ -240,7 +240,7 @@ def lora_settings(args):
         dtype=_DTYPES[args.lora_dtype] if args.lora_dtype else None, use_rslora=args.use_rslora,
         init_weights=str(args.init_weights).lower(), target_modules=tuple(args.target_modules),
         target_regex=args.target_regex, modules_to_save=tuple(args.modules_to_save), seed=args.seed,
-        lorap_lr_ratio=args.lorap_lr_ratio)
+        lorap_lr_ratio=args.lorap_lr_ratio, peft_adapter=args.adapters[0] if args.adapters else None)
 
 
 def _report_to(args) -> frozenset:

@@ -121,6 +121,10 @@ def run_training(args) -> int:
     if settings.lora is not None:
         from megatron_swift.tuners.lora import apply_lora_everywhere
 
+        if settings.lora.peft_adapter:  # rank, alpha, targets... come from the adapter's config
+            from megatron_swift.tuners.peft_io import settings_from_peft
+
+            settings.lora = settings_from_peft(settings.lora, settings.lora.peft_adapter)
         apply_lora_everywhere(chunks, config, settings.lora)
     freeze = settings.freeze
     frozen = apply_freezing(chunks, config.num_layers, freeze.freeze_parameters, freeze.freeze_parameters_regex,
@@ -173,6 +177,12 @@ def run_training(args) -> int:
     else:
         logger.warning("%s has no *.safetensors and no --load was given: training from random init",
                        source.model_dir or source.model)
+    if lora and settings.lora.peft_adapter:
+        from megatron_swift.tuners.peft_io import load_peft_adapter
+
+        load_peft_adapter(ddp_chunks, settings.lora.peft_adapter, config, gpt_settings)
+        optimizer.reload_model_params()
+        logger.info("loaded the PEFT adapter %s", settings.lora.peft_adapter)
     if lora and ckpt.adapter_load and find_checkpoint(ckpt.adapter_load) is not None:
         loaded = load_checkpoint(ckpt.adapter_load, ddp_chunks, optimizer, scheduler, finetune=ckpt.finetune,
                                  load_optim=ckpt.load_optim, load_rng=ckpt.load_rng, part="trainable",

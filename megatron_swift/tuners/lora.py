@@ -63,6 +63,7 @@ class LoraSettings:
     modules_to_save: tuple = ()
     seed: int = 42
     lorap_lr_ratio: Optional[float] = None
+    peft_adapter: Optional[str] = None  # --adapters: a PEFT adapter dir to start from (settings from its config)
 
     @property
     def scaling(self) -> float:
