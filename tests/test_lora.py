@@ -355,3 +355,57 @@ def test_model_parity_vs_peft_and_peft_export(tmp_path):
         logits = peft_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     torch.testing.assert_close(logits, runs["tp2"]["logits_after"], rtol=0, atol=1e-5)
     assert (logits - oracle["logits"]).abs().max() > 1e-3  # training changed the model (not vacuous)
+
+
+def test_lora_plus_gives_b_a_higher_learning_rate(tiny_chunks):
+    """--lorap_lr_ratio: megatron-core's param-group overrides put B in groups with max_lr x ratio
+    (A keeps the base lr; the standard no-weight-decay groups stay)."""
+    from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, wrap_ddp
+    from megatron_swift.tuners.lora import LoraSettings, apply_lora, lora_plus_overrides
+
+    chunks, config, _ = tiny_chunks()
+    settings = LoraSettings(rank=4, lorap_lr_ratio=16.0, bias="all", modules_to_save=("final_layernorm",))
+    apply_lora(chunks, config, settings)
+    opt = OptimizerSettings(lr=1e-4, min_lr=1e-5, use_distributed_optimizer=False)
+    ddp = wrap_ddp(chunks, config, opt)
+    optimizer = build_optimizer(ddp, config, opt, param_group_overrides=lora_plus_overrides(settings, 1e-4, 1e-5))
+    names = {id(p): n for n, p in ddp[0].named_parameters()}
+    seen = set()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = names[id(p)]
+            kind = "B" if ".lora_B." in name else "A" if ".lora_A." in name else "other"
+            expected = 16e-4 if kind == "B" else 1e-4
+            assert group.get("max_lr", 1e-4) == pytest.approx(expected), name
+            if kind == "B":
+                assert group["min_lr"] == pytest.approx(16e-5)
+            if len(p.shape) == 1:
+                assert group.get("wd_mult", 1.0) == 0.0, name  # norms: megatron's standard override kept
+            seen.add(kind)
+    assert seen == {"A", "B", "other"}
+
+
+def test_lora_grads_survive_full_recompute(megatron_world1):
+    """With the base frozen nothing entering a checkpointed layer requires grad; megatron's
+    (reentrant) recompute would then drop the adapters' graph. Same grads with and without it."""
+    from megatron_swift.model import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.tuners.lora import LoraSettings, apply_lora
+
+    hf = tiny_hf_config("qwen3", num_hidden_layers=2)
+    tokens = torch.randint(0, hf.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    grads = []
+    state = None
+    for recompute in ({}, dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)):
+        (model,), config, _ = build_model(hf, dict(use_cpu_initialization=True, **recompute))
+        if state is None:
+            state = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        model.load_state_dict(state, strict=False)
+        apply_lora([model], config, LoraSettings(rank=4, dropout=0.0, init_weights="false"))
+        loss = model(tokens, torch.arange(8).expand(2, -1), attention_mask=None, labels=tokens).sum()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and sorted(grads[0]) == sorted(grads[1])
+    for name, g in grads[0].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)

@@ -361,7 +361,7 @@ def lora_plus_overrides(settings: LoraSettings, lr: float, min_lr: float) -> Opt
     if not settings.lorap_lr_ratio:
         return None
     from megatron.core.optimizer import ParamKey
-    from megatron.core.optimizer.optimizer_config import ParamGroupOverride
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
     k = settings.lorap_lr_ratio
     return {ParamKey(name="*.lora_B.weight"): ParamGroupOverride(max_lr=lr * k, min_lr=min_lr * k)}
