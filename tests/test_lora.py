@@ -125,7 +125,7 @@ def test_lora_training_layouts_and_resume_match_tp1(demo_models, tmp_path, megat
     tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
     _lora_sft(model, data, tp1, "--train_iters", 5, "--save_interval", 3)
     _lora_sft(model, data, tp2, "--train_iters", 5, "--save_interval", 3, "--tensor_model_parallel_size", 2,
-              "--sequence_parallel", "true", nproc=2)
+              "--sequence_parallel", "true", "--save_safetensors", "true", nproc=2)
     _assert_same_run(tp1, tp2, range(1, 6), adapters_at="iter_0000005")
     assert _losses(tp1)[5] < _losses(tp1)[1]  # it learns
     resumed = tmp_path / "pp2"
@@ -159,6 +159,12 @@ def _check_export(model, adapter_dir, tmp_path):
         proc = megatron("export", "--mcore_adapters", adapter_dir, "--to_hf", "true", "--merge_lora", merge,
                         "--output_dir", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    # --save_safetensors wrote the same PEFT adapter next to the checkpoint during training
+    during = load_file(adapter_dir / "iter_0000005" / "peft" / "adapter_model.safetensors")
+    exported = load_file(peft_dir / "adapter_model.safetensors")
+    assert sorted(during) == sorted(exported)
+    for key in during:
+        torch.testing.assert_close(during[key], exported[key], rtol=0, atol=0)
     cfg = json.loads((peft_dir / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 4 and not cfg["use_rslora"]
     assert sorted(cfg["target_modules"]) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -212,7 +218,7 @@ def _sft_args(tmp_path, *extra):
     (["--train_type", "lora", "--use_dora", "true"], "--use_dora"),
     (["--train_type", "lora", "--target_modules", "all-router"], "--target_modules"),
     (["--train_type", "lora", "--adapters", "x", "y"], "--adapters"),
-    (["--train_type", "lora", "--save_safetensors", "true"], "--save_safetensors"),
+    (["--train_type", "lora", "--save_safetensors", "true", "--lora_bias", "all"], "--save_safetensors"),
     (["--train_type", "lora", "--freeze_parameters", "embedding"], "--freeze_parameters"),
     (["--lora_rank", "4"], "--lora_rank"),  # a LoRA option with full training
 ])

@@ -62,9 +62,9 @@ def _lora(args, caps):
         return "argument --adapters: one PEFT adapter at a time"
     if args.merge_lora:
         return "argument --merge_lora: merging after training is not built yet (the run saves the adapter)"
-    if args.save_safetensors:
-        return ("argument --save_safetensors: the PEFT-format copy of a LoRA checkpoint is not built yet (the run "
-                "saves an mcore adapter checkpoint)")
+    if args.save_safetensors and (args.modules_to_save or args.lora_bias == "all"):
+        return ("argument --save_safetensors: the PEFT copy of an adapter with --modules_to_save / --lora_bias all "
+                "is not built; export a merged model with `megatron export --mcore_adapters ... --merge_lora true`")
     given = [n for n in ("freeze_parameters", "freeze_parameters_regex", "freeze_parameters_ratio",
                          "trainable_parameters", "trainable_parameters_regex") if _given(args, n)]
     if given:

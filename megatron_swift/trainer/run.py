@@ -245,7 +245,12 @@ def _iterations(settings: TrainingSettings, data) -> tuple[int, int]:
 
 
 def _hf_export(settings: TrainingSettings, config, gpt_settings, hf_config, data):
-    """``--save_safetensors``: what writes the HF copy of a saved iteration (see checkpoint.py)."""
+    """``--save_safetensors``: what writes the HF copy of a saved iteration (see checkpoint.py);
+    under LoRA the PEFT adapter."""
+    if settings.lora is not None:
+        from megatron_swift.tuners.peft_io import PeftCopy
+
+        return PeftCopy(config, gpt_settings, settings.lora, settings.source.model)
     from .hf_copy import HFCopy
 
     return HFCopy(config=config, gpt_settings=gpt_settings, hf_config=hf_config, source_dir=settings.source.model_dir,

@@ -189,3 +189,22 @@ def save_peft_adapter(tensors: dict, out_dir: str, settings: LoraSettings, base_
         json.dump(cfg, f, indent=2)
     save_file({PEFT_PREFIX + k: v.contiguous() for k, v in sorted(tensors.items())},
               os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+PEFT_SUBDIR = "peft"
+
+
+class PeftCopy:
+    """``--save_safetensors`` under LoRA: each saved iteration also as a PEFT adapter dir
+    (``<iter>/peft/``), written before the checkpoint is published (the Checkpointer's hook)."""
+
+    def __init__(self, config, gpt_settings, settings: LoraSettings, base_model: Optional[str]):
+        self.config, self.gpt_settings, self.settings, self.base_model = config, gpt_settings, settings, base_model
+
+    def write(self, chunks: list, checkpoint_dir: str) -> str:
+        """Collective: every rank calls it with its chunks."""
+        out = os.path.join(checkpoint_dir, PEFT_SUBDIR)
+        tensors = adapter_to_peft(chunks, self.config, self.gpt_settings)
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            save_peft_adapter(tensors, out, self.settings, self.base_model)
+        return out
