@@ -1,6 +1,6 @@
 """LoRA on megatron-core (issue 12).
 
-Layer level (real 2-process gloo job + one process): megatron's column/row linears with our
+Layer level (one real 2-process gloo job, TP2 then TP1): megatron's column/row linears with our
 adapter against a float64 dense computation of the same global tensors (the TP=1 draw), at TP 1/2
 x SP off/on; gradients through megatron's own DDP + finalize_model_grads. Tolerance: relative
 error <= 1e-6 (fp32 layers vs the float64 oracle; observed <= 2e-7). Sensitivity variants must
@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from helpers import TESTS, python_script, torchrun
+from helpers import TESTS, python_script, torchrun  # noqa: E402
 import sys
 
 sys.path.insert(0, str(TESTS / "parallel"))
@@ -36,17 +36,12 @@ def _check_all_pass(results: dict, keys) -> None:
 
 
 @pytest.mark.slow
-def test_layer_parity_tp1(tmp_path):
-    python_script(LAYER_WORKER, ["--out", tmp_path])
-    results = json.loads((tmp_path / "result.json").read_text())
-    _check_all_pass(results, [f"{c}/sp0" for c in CASES])
-
-
-@pytest.mark.slow
 def test_layer_parity_tp2_sp_and_sensitivity(tmp_path):
-    torchrun(LAYER_WORKER, 2, ["--tp", 2, "--out", tmp_path, "--breaks", "sp_sum,fc1_chunk,expert_allreduce"])
+    torchrun(LAYER_WORKER, 2, ["--tp", 2, "--out", tmp_path, "--breaks", "sp_sum,fc1_chunk,expert_allreduce",
+                               "--also_tp1"])
     results = json.loads((tmp_path / "result.json").read_text())
     _check_all_pass(results, [f"{c}/sp{sp}" for c in CASES for sp in (0, 1)])
+    _check_all_pass(results, [f"tp1:{c}/sp0" for c in CASES])
     # without the TP sum of the replicated factor's grad under SP: wrong grads, ranks diverge
     for case, factor in (("column", "grad_A"), ("row", "grad_B"), ("qkv", "grad_A"), ("fc1", "grad_A")):
         broken = results[f"sp_sum:{case}/sp1"]
@@ -116,33 +111,48 @@ def _assert_same_run(ref, other, iterations, adapters_at=None):
             torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
-@pytest.mark.slow
-def test_lora_training_layouts_and_resume_match_tp1(demo_models, tmp_path, megatron_world1):
-    """5 Adam steps of LoRA through `megatron sft`: TP2+SP equals TP1 (losses each step, adapters
-    after training); its TP2 adapter checkpoint at step 3 resumes at PP2 and continues exactly
-    as the uninterrupted TP1 run; the checkpoints hold adapters (+ their optimizer state) only."""
+@pytest.fixture(scope="module")
+def lora_runs(demo_models, tmp_path_factory):
+    """5 steps of `megatron sft --train_type lora` at TP1 and at TP2+SP (checkpoints at 3 and 5;
+    the TP2 run also writes the PEFT copy of each checkpoint, --save_safetensors)."""
+    root = tmp_path_factory.mktemp("lora_runs")
     model, data = demo_models["model"], demo_models["dataset"]
-    tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
+    tp1, tp2 = root / "tp1", root / "tp2"
     _lora_sft(model, data, tp1, "--train_iters", 5, "--save_interval", 3)
     _lora_sft(model, data, tp2, "--train_iters", 5, "--save_interval", 3, "--tensor_model_parallel_size", 2,
               "--sequence_parallel", "true", "--save_safetensors", "true", nproc=2)
+    return {"tp1": tp1, "tp2": tp2, "model": model, "data": data}
+
+
+@pytest.mark.slow
+def test_lora_training_layouts_and_resume_match_tp1(lora_runs, tmp_path, megatron_world1):
+    """5 Adam steps of LoRA through `megatron sft`: TP2+SP equals TP1 (losses each step, adapters
+    after training); its TP2 adapter checkpoint at step 3 resumes at PP2 and continues exactly
+    as the uninterrupted TP1 run; the checkpoints hold adapters (+ their optimizer state) only."""
+    tp1, tp2 = lora_runs["tp1"], lora_runs["tp2"]
     _assert_same_run(tp1, tp2, range(1, 6), adapters_at="iter_0000005")
     assert _losses(tp1)[5] < _losses(tp1)[1]  # it learns
     resumed = tmp_path / "pp2"
     resumed.mkdir()
     shutil.copytree(tp2 / "iter_0000003", resumed / "iter_0000003")
     (resumed / "latest_checkpointed_iteration.txt").write_text("3")
-    _lora_sft(model, data, resumed, "--train_iters", 5, "--save_interval", 3, "--adapter_load", resumed,
-              "--pipeline_model_parallel_size", 2, nproc=2)
+    _lora_sft(lora_runs["model"], lora_runs["data"], resumed, "--train_iters", 5, "--save_interval", 3,
+              "--adapter_load", resumed, "--pipeline_model_parallel_size", 2, nproc=2)
     _assert_same_run(tp1, resumed, (4, 5), adapters_at="iter_0000005")
+
+
+@pytest.mark.slow
+def test_lora_export_and_peft_import(lora_runs, tmp_path):
+    """The TP2 adapter exported as PEFT / merged (see _check_export); --adapters of the exported PEFT
+    dir is the adapter of the TP2 run: the first step's loss equals a fresh start from its mcore
+    checkpoint (--adapter_load --finetune true)."""
+    model, data, tp2 = lora_runs["model"], lora_runs["data"], lora_runs["tp2"]
     _check_export(model, tp2, tmp_path)
-    # --adapters: the exported PEFT adapter, imported for training, is the adapter of the TP2 run: the
-    # first step's loss equals a fresh start from its mcore checkpoint (--adapter_load --finetune)
     _lora_sft(model, data, tmp_path / "from_peft", "--train_iters", 1, "--adapters", tmp_path / "peft",
               "--tensor_model_parallel_size", 2, nproc=2)
     _lora_sft(model, data, tmp_path / "from_mcore", "--train_iters", 1, "--adapter_load", tp2, "--finetune", "true")
     _assert_same_run(tmp_path / "from_mcore", tmp_path / "from_peft", (1,))
-    assert _losses(tmp_path / "from_peft")[1] < _losses(tp1)[1] - 0.01  # the trained adapter is in use
+    assert _losses(tmp_path / "from_peft")[1] < _losses(lora_runs["tp1"])[1] - 0.01  # the trained adapter is in use
 
 
 def _check_export(model, adapter_dir, tmp_path):

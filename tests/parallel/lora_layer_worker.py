@@ -23,6 +23,8 @@ def parse():
     p.add_argument("--out", required=True)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--breaks", default="", help="comma-separated sensitivity variants to run as well")
+    p.add_argument("--also_tp1", action="store_true", help="then the same cases at TP1 (keys 'tp1:...'; the "
+                   "ranks are data-parallel replicas with the same data)")
     return p.parse_args()
 
 
@@ -71,6 +73,12 @@ def main():
             else good_rows
         results.update({(f"{broken}:{k}" if broken else k): v for k, v in
                         run_cases(args, lora, settings, tp, geo, qkv_rule, fc1_rule, broken).items()})
+    lora._global_b_rows = good_rows
+    if args.also_tp1 and tp > 1:
+        init_parallel(ParallelLayout(tensor_model_parallel_size=1, expert_tensor_parallel_size=1), seed=3)
+        args.tp = 1
+        results.update({f"tp1:{k}": v for k, v in
+                        run_cases(args, lora, settings, 1, geo, qkv_rule, fc1_rule, "").items()})
     if torch.distributed.get_rank() == 0:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "result.json"), "w") as f:
@@ -129,7 +137,10 @@ def run_cases(args, lora, settings, tp, geo, qkv_rule, fc1_rule, broken):
             seq_split = layer.sequence_parallel
             # an expert's tokens: each expert-data-parallel rank holds its own share of them
             # (the dispatcher's job), and DDP's expert reduce sums the shares' grads
-            edp = ps.get_expert_data_parallel_group() if expert else None
+            # (at TP2 the two ranks are one data-parallel replica and the expert-DP group spans them;
+            # at TP1 they are two DP replicas, whose grads megatron averages: each gets all tokens)
+            edp = ps.get_expert_data_parallel_group() if expert and ps.get_data_parallel_world_size() == 1 else None
+            expert_split = edp is not None
             gen = torch.Generator().manual_seed(5)
             x_full = torch.randn(S, B, din, generator=gen, dtype=torch.float64)
             gy_full = torch.randn(S, B, dout, generator=gen, dtype=torch.float64)
@@ -150,8 +161,10 @@ def run_cases(args, lora, settings, tp, geo, qkv_rule, fc1_rule, broken):
                 y_ref = torch.cat(ys, dim=-1)  # HF order [q;k;v] / [gate;up] on the last dim
             (y_ref * gy_full).sum().backward() if rule is None else None
             # this rank's inputs
-            if expert:
+            if expert_split:
                 x_loc = x_full.chunk(edp.size(), 0)[edp.rank()]
+            elif expert:
+                x_loc = x_full
             elif cls is ColumnParallelLinear:
                 x_loc = x_full.chunk(ltp, 0)[lrank] if seq_split else x_full
             else:
@@ -163,7 +176,7 @@ def run_cases(args, lora, settings, tp, geo, qkv_rule, fc1_rule, broken):
                     return t[index]
 
                 y_exp = hf_to_local(rule, read, (out_rows, S, B), lrank, ltp, geo).permute(1, 2, 0)
-                if expert:
+                if expert_split:
                     y_exp = y_exp.chunk(edp.size(), 0)[edp.rank()]
                 # the upstream grad in HF order, as each projection's output grad
                 (sum((yy * gg).sum() for yy, gg in zip(ys, _split_like(gy_full, ys)))).backward()
@@ -182,7 +195,7 @@ def run_cases(args, lora, settings, tp, geo, qkv_rule, fc1_rule, broken):
                         return gparts[i].permute(2, 0, 1)[index]
 
                     gy_loc = hf_to_local(rule, readg, (out_rows, S, B), lrank, ltp, geo).permute(1, 2, 0)
-                    if expert:
+                    if expert_split:
                         gy_loc = gy_loc.chunk(edp.size(), 0)[edp.rank()]
             else:
                 gy_loc = gy_full.chunk(ltp, 0)[lrank] if seq_split else gy_full
