@@ -425,3 +425,18 @@ def test_lora_grads_survive_full_recompute(megatron_world1):
     for name, g in grads[0].items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
+
+
+def test_peft_export_of_expert_adapters_is_refused(tiny_chunks):
+    """transformers keeps routed experts as fused 3-D tensors PEFT cannot target: a per-expert PEFT
+    adapter would not load, so --merge_lora false / --save_safetensors say so (merged export works)."""
+    from megatron_swift.tuners.lora import LoraSettings, apply_lora
+    from megatron_swift.tuners.peft_io import check_peft_exportable
+
+    chunks, config, _ = tiny_chunks("qwen3_moe")
+    apply_lora(chunks, config, LoraSettings(rank=4))
+    with pytest.raises(ValueError, match="--merge_lora true"):
+        check_peft_exportable(chunks, "--merge_lora false")
+    attention_only, config, _ = tiny_chunks("qwen3_moe")
+    apply_lora(attention_only, config, LoraSettings(rank=4, target_modules=("linear_qkv", "linear_proj")))
+    check_peft_exportable(attention_only, "--merge_lora false")

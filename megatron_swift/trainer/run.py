@@ -126,6 +126,10 @@ def run_training(args) -> int:
 
             settings.lora = settings_from_peft(settings.lora, settings.lora.peft_adapter)
         apply_lora_everywhere(chunks, config, settings.lora)
+        if settings.checkpoint.save_safetensors:
+            from megatron_swift.tuners.peft_io import check_peft_exportable
+
+            check_peft_exportable(chunks, "--save_safetensors")
     freeze = settings.freeze
     frozen = apply_freezing(chunks, config.num_layers, freeze.freeze_parameters, freeze.freeze_parameters_regex,
                             freeze.freeze_parameters_ratio, freeze.trainable_parameters,

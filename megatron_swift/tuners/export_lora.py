@@ -76,7 +76,7 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     from megatron_swift.trainer.checkpoint import load_checkpoint
 
     from .lora import apply_lora_everywhere
-    from .peft_io import adapter_to_peft, save_peft_adapter
+    from .peft_io import adapter_to_peft, check_peft_exportable, save_peft_adapter
 
     recorded = _recorded(adapter_dir)
     settings = lora_settings_of(recorded)
@@ -92,6 +92,8 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     chunks, config, gpt = build_model(hf_config, dict(overrides, params_dtype=torch.float32,
                                                       perform_initialization=False))
     apply_lora_everywhere(chunks, config, settings)
+    if not merge:
+        check_peft_exportable(chunks, "--merge_lora false")
     if mcore_model:
         load_checkpoint(mcore_model, chunks, finetune=True, part="base", what="--mcore_model")
     else:

@@ -86,6 +86,20 @@ def _adapted_layers(chunks: list, family):
             yield name, module, rule, projections, module.tp_group.rank(), module.tp_group.size()
 
 
+def check_peft_exportable(chunks: list, what: str) -> None:
+    """Routed experts: transformers keeps them as fused 3-D tensors that PEFT cannot target, so a
+    per-expert PEFT adapter would not load; say so before anything is written."""
+    from megatron_swift.model.builder import unwrap
+
+    for chunk in chunks:
+        for name, module in unwrap(chunk).named_modules():
+            if hasattr(module, "lora_A") and ".experts." in name:
+                raise ValueError(f"{what}: the adapter has LoRA on routed experts ({name}), which a PEFT adapter "
+                                 f"cannot express for transformers' fused expert tensors; export a merged model "
+                                 f"(`megatron export --mcore_adapters ... --merge_lora true`) or target only "
+                                 f"attention (--target_modules linear_qkv linear_proj)")
+
+
 def load_peft_adapter(chunks: list, adapter_dir: str, config, gpt_settings) -> None:
     """Fills this rank's adapter factors from a PEFT adapter dir; every adapter tensor must be used
     and every adapted layer must find its tensors."""
