@@ -351,7 +351,11 @@ def test_model_parity_vs_peft_and_peft_export(tmp_path):
     assert runs["tp2"]["base_unchanged"] and runs["pp2"]["base_unchanged"]
     trained = runs["tp2"]["adapter"]
     for key, value in runs["pp2"]["adapter"].items():
-        torch.testing.assert_close(value, trained[key], rtol=1e-4, atol=1e-6)
+        # per tensor, relative to its norm: Adam's g / (|g| + eps) turns fp32 reduction-order noise in
+        # near-zero gradients into single elements that differ by a good part of a step (observed
+        # 1.3e-4 at lr 1e-2); a layout bug moves whole tensors (relative error ~1)
+        err = ((value - trained[key]).norm() / trained[key].norm()).item()
+        assert err < 1e-3, (key, err)
 
     lora = runs["tp2"]["lora"]
     save_peft_adapter(trained, str(tmp_path / "exported"), LoraSettings(rank=lora["rank"], alpha=lora["alpha"],

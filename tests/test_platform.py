@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,6 +224,21 @@ def test_top_level_kernels_folder_does_not_shadow_hf_kernels():
     assert no_regular_package, "a regular top-level `kernels` package is importable from the repo root"
     assert name == "megatron_swift.kernels.norm"
     assert importlib.util.find_spec("megatron_swift.kernels") is not None
+
+
+def test_converters_and_kernels_are_imported_through_the_package():
+    """`from converters...` works only where the repo root happens to be on sys.path (a pytest run
+    from the root, as a namespace package: a second copy of every module) and fails in workers
+    and wheels; the code imports them as megatron_swift.converters / megatron_swift.kernels."""
+    import re
+
+    pattern = re.compile(r"^\s*(from|import)\s+(converters|kernels)\b", re.M)
+    offenders = []
+    for folder in ("megatron_swift", "converters", "kernels", "tests", "scripts"):
+        for path in (Path(REPO) / folder).rglob("*.py"):
+            if pattern.search(path.read_text()):
+                offenders.append(str(path.relative_to(REPO)))
+    assert offenders == [], f"import megatron_swift.converters / megatron_swift.kernels instead in: {offenders}"
 
 
 def test_tensor_parallel_marks_without_initialisation(megatron_world1):

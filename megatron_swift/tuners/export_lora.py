@@ -68,10 +68,10 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     """Collective over the export job (``init_parallel`` done at the export layout)."""
     import torch.distributed as dist
 
-    from converters.convert import hf_config_from_dict
-    from converters.hf_dir import save_mcore_as_hf, torch_dtype_of
-    from converters.load import load_hf_into_mcore
-    from converters.outdir import atomic_output_dir
+    from megatron_swift.converters.convert import hf_config_from_dict
+    from megatron_swift.converters.hf_dir import save_mcore_as_hf, torch_dtype_of
+    from megatron_swift.converters.load import load_hf_into_mcore
+    from megatron_swift.converters.outdir import atomic_output_dir
     from megatron_swift.model import build_model
     from megatron_swift.trainer.checkpoint import load_checkpoint
 

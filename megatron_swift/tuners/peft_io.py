@@ -62,8 +62,8 @@ def settings_from_peft(settings: LoraSettings, adapter_dir: str) -> LoraSettings
 
 def _adapted_layers(chunks: list, family):
     """(module, base rule, HF projection module names, tp_rank, tp_size) of every adapted layer."""
-    from converters.mapping import format_key, split_name
-    from converters.registry import mapping_for
+    from megatron_swift.converters.mapping import format_key, split_name
+    from megatron_swift.converters.registry import mapping_for
 
     from megatron_swift.model.builder import unwrap
 
@@ -105,7 +105,7 @@ def load_peft_adapter(chunks: list, adapter_dir: str, config, gpt_settings) -> N
     and every adapted layer must find its tensors."""
     from safetensors import safe_open
 
-    from converters.transforms import geometry, hf_to_local
+    from megatron_swift.converters.transforms import geometry, hf_to_local
 
     _, weights = _adapter_files(adapter_dir)
     geo = geometry(config, gpt_settings)
@@ -158,7 +158,7 @@ def adapter_to_peft(chunks: list, config, gpt_settings, value: Optional[Callable
     """Collective: every adapted layer's factors in PEFT layout (HF names without the
     ``base_model.model.`` prefix), gathered over TP and from all ranks; complete on every rank.
     ``value(param)``: what to take of each factor (default its data; tests pass its gradient)."""
-    from converters.transforms import geometry, local_shards_to_hf
+    from megatron_swift.converters.transforms import geometry, local_shards_to_hf
 
     value = value or (lambda p: p.detach())
     geo = geometry(config, gpt_settings)

@@ -50,8 +50,8 @@ def main():
     args = parse()
     from megatron.core import parallel_state as ps
 
-    from converters.mapping import GATE_UP, QKV, Rule, src
-    from converters.transforms import Geometry
+    from megatron_swift.converters.mapping import GATE_UP, QKV, Rule, src
+    from megatron_swift.converters.transforms import Geometry
     from megatron_swift.platform import ParallelLayout, destroy_parallel, init_parallel
     from megatron_swift.tuners import lora
 
@@ -89,7 +89,7 @@ def run_cases(args, lora, settings, tp, geo, qkv_rule, fc1_rule, broken):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.module import MegatronModule
 
-    from converters.transforms import hf_to_local, local_shards_to_hf
+    from megatron_swift.converters.transforms import hf_to_local, local_shards_to_hf
 
     results = {}
     for sp in ([False, True] if tp > 1 else [False]):

@@ -55,10 +55,8 @@ def oracle(root: str, rslora: bool) -> None:
     logits = peft(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     labels = batch["labels"]
     mask = labels.ne(-100)
-    # megatron's objective: its output layer is padded to a multiple of 128 rows (zeros, frozen under
-    # LoRA), and those zero logits are part of its softmax
-    padded = torch.nn.functional.pad(logits, (0, -(-cfg.vocab_size // 128) * 128 - cfg.vocab_size))
-    losses = torch.nn.functional.cross_entropy(padded.reshape(-1, padded.shape[-1]), labels.clamp(min=0).reshape(-1),
+    # transformers' objective as it is: megatron keeps its padded vocabulary rows out of the softmax
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1),
                                                reduction="none")
     loss = (losses * mask.reshape(-1)).sum() / mask.sum()
     loss.backward()
@@ -73,7 +71,7 @@ def oracle(root: str, rslora: bool) -> None:
 def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int) -> None:
     from megatron.core import parallel_state as ps
 
-    from converters.load import load_hf_into_mcore
+    from megatron_swift.converters.load import load_hf_into_mcore
     from megatron_swift.model import build_model, load_hf_config, unwrap
     from megatron_swift.platform import ParallelLayout, destroy_parallel, init_parallel
     from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, wrap_ddp
