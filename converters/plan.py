@@ -77,6 +77,8 @@ def local_params(chunks: list, mapping: FamilyMapping, share_embeddings: bool) -
         model = unwrap(chunk)
         layers = model.decoder.layers if hasattr(model, "decoder") else []
         for name, p, is_buffer in _tensors(model):
+            if ".lora_" in name:  # LoRA adapter factors (megatron_swift.tuners.lora): not base weights
+                continue
             template, li, le = split_name(name)
             try:
                 rule = mapping.rule_for(template)

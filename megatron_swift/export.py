@@ -46,6 +46,8 @@ class ExportSettings:
     use_hf: bool
     hub_token: Optional[str]
     model_revision: Optional[str]
+    mcore_adapters: tuple = ()  # LoRA adapter checkpoints (one is built): exported as PEFT or merged
+    merge_lora: bool = False
     num_labels: Optional[int] = None  # --task_type seq_cls: a *ForSequenceClassification (reward model)
 
 
@@ -78,6 +80,7 @@ def export_settings(args) -> ExportSettings:
         hf_attn_implementation=HF_ATTENTION[args.attn_impl], trust_remote_code=args.trust_remote_code,
         seed=args.seed, timeout_seconds=args.ddp_timeout, distributed_backend=args.distributed_backend,
         use_hf=args.use_hf, hub_token=args.hub_token, model_revision=args.model_revision,
+        mcore_adapters=tuple(args.mcore_adapters), merge_lora=args.merge_lora,
         num_labels=(args.num_labels or 1) if args.task_type == "seq_cls" else None,
     )
 
@@ -100,7 +103,7 @@ def _preflight(s: ExportSettings) -> None:
         elif not glob.glob(os.path.join(s.model_dir, "*.safetensors")):
             raise FileNotFoundError(f"no safetensors weights in {s.model_dir} (expected model.safetensors, "
                                     f"model.safetensors.index.json or *.safetensors)")
-    else:
+    elif s.mcore_model is not None:
         if not os.path.isdir(os.path.expanduser(s.mcore_model)):
             raise FileNotFoundError(f"--mcore_model {s.mcore_model}: directory does not exist")
 
@@ -121,7 +124,14 @@ def export(args):
             with main_process_first():
                 s.model_dir = resolve_model_dir(s.model, s.use_hf, s.hub_token, s.model_revision)
             _preflight(s)
-        if s.to_mcore:
+        if s.mcore_adapters:
+            from megatron_swift.tuners.export_lora import export_lora
+
+            result = export_lora(s.mcore_adapters[0], s.output_dir, merge=s.merge_lora,
+                                 model_dir=s.model_dir if s.model else None, mcore_model=s.mcore_model,
+                                 overrides=s.overrides, torch_dtype=s.torch_dtype, max_shard_size=s.max_shard_size,
+                                 exist_ok=s.exist_ok)
+        elif s.to_mcore:
             from megatron_swift.model import load_hf_config
 
             hf_config = load_hf_config(s.model_dir, trust_remote_code=s.trust_remote_code)

@@ -145,6 +145,28 @@ def test_rope_restarts_per_sequence_in_thd(megatron_world1):
         torch.testing.assert_close(thd[a:b], alone, rtol=0, atol=1e-6)
 
 
+def test_thd_rope_without_host_syncs_equals_megatrons(megatron_world1):
+    """The installed THD RoPE (platform/mcore_compat: one gather, no per-sequence .item()) gives
+    megatron-core's own result bit for bit, for a rotary table of max length (each sequence from
+    position 0) and of one row per packed token, and makes no host sync."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.common.embeddings import rope_utils
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    installed = rope_utils._apply_rotary_pos_emb_thd
+    original = installed._megatron_swift_original  # the workaround is installed with the platform
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000)
+    q, _, _, cu, _ = thd_inputs(LENGTHS)
+    group = ps.get_context_parallel_group()
+    for freqs in (rope(max(LENGTHS), packed_seq=True), rope(sum(LENGTHS), packed_seq=True)):
+        want = original(q, cu, freqs, cp_group=group)
+        with torch.profiler.profile() as prof:
+            got = installed(q, cu, freqs, cp_group=group)
+        assert torch.equal(got, want)
+        names = {e.name for e in prof.events()}
+        assert "aten::item" not in names and "aten::_local_scalar_dense" not in names
+
+
 @pytest.mark.slow
 def test_thd_under_tp2_sp_and_pp2(tmp_path):
     """2 gloo ranks: TP=2 + SP (per-rank THD attention vs reference; model losses padded vs THD) and

@@ -40,13 +40,36 @@ TRAIN = ("pt", "sft", "rlhf")
 ALL = ("pt", "sft", "rlhf", "export")
 
 
+LORA_INITS = ("true", "false", "gaussian")
+
+
 def _lora(args, caps):
-    if args.train_type == "lora":
-        return ("argument --train_type lora: LoRA training on Megatron-Core is not built yet; use --train_type "
-                "full (with --freeze_parameters / --trainable_parameters to train part of the model)")
-    given = [n for n in LORA_FIELDS + ("merge_lora", "adapters", "adapter_load") if _given(args, n)]
+    if args.train_type != "lora":
+        given = [n for n in LORA_FIELDS + ("merge_lora", "adapters", "adapter_load") if _given(args, n)]
+        if given:
+            return f"argument --{given[0]}: applies to LoRA training (--train_type lora)"
+        return None
+    if args.command == "rlhf":
+        return "argument --train_type lora: LoRA for `megatron rlhf` is not built yet; use --train_type full"
+    if str(args.init_weights).lower() not in LORA_INITS:
+        return (f"argument --init_weights {args.init_weights}: built are {', '.join(LORA_INITS)} (PiSSA, OLoRA, "
+                f"LoftQ are not)")
+    for name in ("all-embedding", "all-router"):
+        if name in args.target_modules:
+            return (f"argument --target_modules {name}: LoRA on embeddings / routers is not built; train the "
+                    f"embedding fully with --modules_to_save word_embeddings")
+    if len(args.adapters) > 1:
+        return "argument --adapters: one PEFT adapter at a time"
+    if args.merge_lora:
+        return "argument --merge_lora: merging after training is not built yet (the run saves the adapter)"
+    if args.save_safetensors and (args.modules_to_save or args.lora_bias == "all"):
+        return ("argument --save_safetensors: the PEFT copy of an adapter with --modules_to_save / --lora_bias all "
+                "is not built; export a merged model with `megatron export --mcore_adapters ... --merge_lora true`")
+    given = [n for n in ("freeze_parameters", "freeze_parameters_regex", "freeze_parameters_ratio",
+                         "trainable_parameters", "trainable_parameters_regex") if _given(args, n)]
     if given:
-        return f"argument --{given[0]}: applies to LoRA training (--train_type lora), which is not built yet"
+        return (f"argument --{given[0]}: applies to --train_type full; with LoRA only the adapters (and "
+                f"--modules_to_save, --lora_bias all) are trained")
     return None
 
 
@@ -69,6 +92,8 @@ def _task(args, caps):
     if args.command == "export" and args.task_type == "seq_cls":  # converting a reward / classification model
         if _given(args, "problem_type"):
             return "argument --problem_type: conversion does not use it; leave it unset"
+        if args.mcore_adapters:
+            return "argument --task_type seq_cls: LoRA adapters of reward models are not built (export the full model)"
         return None
     if args.task_type != "causal_lm":
         return (f"argument --task_type {args.task_type}: only causal_lm is built (reward models come with "
@@ -283,9 +308,15 @@ def _rlhf(args, caps):
 
 
 def _export_only(args, caps):
-    if args.merge_lora or args.mcore_adapters:
-        name = "merge_lora" if args.merge_lora else "mcore_adapters"
-        return f"argument --{name}: LoRA adapters are not built yet (export converts full checkpoints)"
+    if args.merge_lora and not args.mcore_adapters:
+        return "argument --merge_lora: needs --mcore_adapters (the LoRA adapter checkpoint to merge)"
+    if len(args.mcore_adapters) > 1:
+        return "argument --mcore_adapters: one adapter checkpoint at a time"
+    if args.mcore_adapters and args.to_mcore:
+        return ("argument --mcore_adapters with --to_mcore: writing a merged mcore checkpoint is not built yet; "
+                "export with --to_hf true (--merge_lora true: a merged HF model, false: a PEFT adapter)")
+    if args.mcore_adapters and args.test_convert_precision:
+        return "argument --test_convert_precision: not built for LoRA adapter exports"
     if not args.safe_serialization:
         return "argument --safe_serialization false: HF weights are written as safetensors (.bin is not supported)"
     if args.push_to_hub:

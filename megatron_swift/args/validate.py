@@ -324,7 +324,11 @@ def _check_extra_megatron_kwargs(args) -> None:
 
 def _resolve_model(args) -> None:
     if args.model is None:
-        source = args.mcore_model if args.command == "export" else args.load
+        if args.command == "export":
+            source = args.mcore_model if args.mcore_model is not None or not args.mcore_adapters \
+                else args.mcore_adapters[0]
+        else:  # under LoRA the adapter checkpoint also names its base
+            source = args.load if args.load is not None or args.train_type != "lora" else args.adapter_load
         args.model = _model_from_args_json(source)
     if args.model is None:
         if args.command == "export" and args.to_hf:
@@ -496,6 +500,9 @@ def _check_training_paths(args) -> None:
         _check_resume_optimizer(args)
     if args.adapter_load is not None:
         _check_checkpoint_dir("adapter_load", args.adapter_load, args.exit_on_missing_checkpoint)
+    for path in args.adapters:
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json")):
+            raise ArgumentError(f"argument --adapters {path}: not a PEFT adapter directory (no adapter_config.json)")
     if args.command == "rlhf":
         if args.ref_load is not None:
             _check_checkpoint_dir("ref_load", args.ref_load, args.exit_on_missing_checkpoint)
@@ -525,7 +532,8 @@ def _check_save_dir(args) -> None:
     problem = _writable(save)
     if problem:
         raise ArgumentError(f"argument --save {args.save}: {problem}")
-    resuming = args.load is not None and os.path.abspath(os.path.expanduser(args.load)) == os.path.abspath(save)
+    resumed_from = args.adapter_load if args.train_type == "lora" else args.load  # LoRA: --load is the base
+    resuming = resumed_from is not None and os.path.abspath(os.path.expanduser(resumed_from)) == os.path.abspath(save)
     if args.add_version and not resuming:
         return  # a new v<N>-<timestamp> directory inside it
     if resuming or args.overwrite_output_dir or not os.path.isdir(save):
@@ -536,7 +544,8 @@ def _check_save_dir(args) -> None:
     except layout.CheckpointError as exc:
         what = f"checkpoints ({exc})"
     if what:
-        raise ArgumentError(f"argument --save {args.save}: it already holds {what}; resume that run with --load "
+        how = "--adapter_load" if args.train_type == "lora" else "--load"
+        raise ArgumentError(f"argument --save {args.save}: it already holds {what}; resume that run with {how} "
                             f"{args.save}, write elsewhere (another --save, or --add_version true), or start over "
                             f"in it with --overwrite_output_dir true (deletes them)")
 
@@ -627,9 +636,10 @@ def _check_rlhf(args) -> None:
 
 def _resolve_export(args, first_rank: bool = True) -> None:
     if args.to_hf:
-        if args.mcore_model is None:
+        if args.mcore_model is None and not args.mcore_adapters:
             raise ArgumentError("argument --mcore_model is required with --to_hf")
-        _check_checkpoint_dir("mcore_model", args.mcore_model, True)
+        if args.mcore_model is not None:
+            _check_checkpoint_dir("mcore_model", args.mcore_model, True)
     for path in args.mcore_adapters:
         _check_checkpoint_dir("mcore_adapters", path, True)
     if args.output_dir is None:
@@ -637,7 +647,8 @@ def _resolve_export(args, first_rank: bool = True) -> None:
             base = args.model_dir or os.path.join(".", _model_basename(args.model))
             args.output_dir = f"{os.path.normpath(base)}-mcore"
         else:
-            args.output_dir = f"{os.path.normpath(os.path.expanduser(args.mcore_model))}-hf"
+            source = args.mcore_model if args.mcore_model is not None else args.mcore_adapters[0]
+            args.output_dir = f"{os.path.normpath(os.path.expanduser(source))}-hf"
     if first_rank and os.path.exists(os.path.expanduser(args.output_dir)) and not args.exist_ok:
         raise ArgumentError(f"argument --output_dir: '{args.output_dir}' already exists "
                             f"(pass --exist_ok true to overwrite)")

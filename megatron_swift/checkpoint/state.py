@@ -24,17 +24,51 @@ def model_keys(num_chunks: int) -> list:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
-def model_sharded_state_dict(chunks: list) -> dict:
-    return {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_keys(len(chunks)), chunks)}
+# Which parameters a checkpoint's model part holds: "all"; "trainable" (a LoRA adapter checkpoint:
+# adapters + modules_to_save, what requires grad); "base" (the base model under LoRA: no adapters)
+PARTS = ("all", "trainable", "base")
 
 
-def load_model_state(chunks: list, loaded: dict) -> None:
+def _keep(value, part: str, name: str) -> bool:
+    if part == "all":
+        return True
+    from megatron_swift.tuners.lora import is_adapter_param
+
+    if part == "base":
+        return not is_adapter_param(name)
+    data = getattr(value, "data", None)  # ShardedTensor / factory of a parameter (keep_vars)
+    return isinstance(data, torch.nn.Parameter) and data.requires_grad
+
+
+def model_sharded_state_dict(chunks: list, part: str = "all") -> dict:
+    out = {}
+    for key, chunk in zip(model_keys(len(chunks)), chunks):
+        state = _unwrap(chunk).sharded_state_dict()
+        out[key] = {name: value for name, value in state.items() if _keep(value, part, name)}
+    return out
+
+
+def _expected_missing(chunk, part: str) -> set:
+    """Parameters a ``part`` checkpoint does not hold."""
+    if part == "all":
+        return set()
+    from megatron_swift.tuners.lora import is_adapter_param
+
+    names = set(_unwrap(chunk).state_dict().keys())
+    if part == "base":
+        return {n for n in names if is_adapter_param(n)}
+    trainable = {n for n, p in _unwrap(chunk).named_parameters() if p.requires_grad}
+    return names - trainable
+
+
+def load_model_state(chunks: list, loaded: dict, part: str = "all") -> None:
     """Puts the model part of a loaded state dict into the chunks: every tensor must be there;
     Transformer Engine's ``_extra_state`` (FP8 scaling metadata) may be missing, as in a checkpoint
     written by the local layer spec (CPU)."""
     for key, chunk in zip(model_keys(len(chunks)), chunks):
         result = _unwrap(chunk).load_state_dict(loaded[key], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        skip = _expected_missing(chunk, part)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state") and k not in skip]
         if missing or result.unexpected_keys:
             raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
                                f"{list(result.unexpected_keys)[:5]}")

@@ -236,11 +236,51 @@ def writer_queue_dies_with_trainer() -> bool:
     return True
 
 
+def thd_rope_offsets(cu_seqlens, total: int, packed_positions: bool):
+    """Row ``r`` of the rotary table each packed token uses: its own index when the table has one row
+    per packed token (megatron's case 1), else its position inside its sequence (case 2).
+    ``repeat_interleave`` with ``output_size`` needs no host sync."""
+    import torch
+
+    index = torch.arange(total, device=cu_seqlens.device)
+    if packed_positions:
+        return index
+    starts = cu_seqlens[:-1].long()
+    return index - torch.repeat_interleave(starts, cu_seqlens[1:].long() - starts, output_size=total)
+
+
+def _thd_rope_without_host_syncs() -> None:
+    """megatron-core's unfused THD RoPE (``rope_utils._apply_rotary_pos_emb_thd``, the path without
+    Transformer Engine's fused kernel) splits the packed row with ``cu_seqlens.tolist()`` and reads
+    ``cu_seqlens[i].item()`` per sequence, in every layer, for queries and keys: host syncs inside
+    the layer loop. Without context parallelism the packed rotary table is one gather of per-token
+    row indices; the rotation itself stays megatron's ``_apply_rotary_pos_emb_bshd`` (same numbers,
+    tests/test_thd_attention.py). Context parallelism keeps megatron's code."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    original = rope_utils._apply_rotary_pos_emb_thd
+
+    def apply_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0,
+                  cp_group=None):
+        if cp_group is None or cp_group.size() != 1:
+            return original(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
+                            multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
+        rows = thd_rope_offsets(cu_seqlens, t.size(0), packed_positions=freqs.size(0) == t.size(0))
+        return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[rows], rotary_interleaved=rotary_interleaved,
+                                                     multi_latent_attention=multi_latent_attention,
+                                                     mscale=mscale).squeeze(1)
+
+    apply_thd._megatron_swift_original = original
+    rope_utils._apply_rotary_pos_emb_thd = apply_thd
+
+
 WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround("alltoall_split_sizes_as_lists", _alltoall_split_sizes_as_lists.__doc__,
                (0, 14, 0), (0, 17, 0), ("cpu",), _alltoall_split_sizes_as_lists),
     Workaround("mla_without_transformer_engine", _mla_without_transformer_engine.__doc__,
                (0, 14, 0), (0, 17, 0), ("cpu", "cuda"), _mla_without_transformer_engine),
+    Workaround("thd_rope_without_host_syncs", _thd_rope_without_host_syncs.__doc__,
+               (0, 14, 0), (0, 17, 0), ("cpu", "cuda"), _thd_rope_without_host_syncs),
 )
 
 _applied: set[str] = set()

@@ -67,8 +67,8 @@ class OptimizerStateMismatch(ValueError):
     """The checkpoint's optimizer state cannot be loaded into this run's optimizer."""
 
 
-def _state_dict(chunks, optimizer, scheduler, iteration, data_state, save_optim, save_rng, loading):
-    state = model_sharded_state_dict(chunks)
+def _state_dict(chunks, optimizer, scheduler, iteration, data_state, save_optim, save_rng, loading, part="all"):
+    state = model_sharded_state_dict(chunks, part)
     if optimizer is not None and save_optim:
         # the chunks' dicts as they are ({"model0": ..., "model1": ...}): megatron walks nested values;
         # merging them into one dict lost all but the last virtual-pipeline chunk (same local keys)
@@ -81,7 +81,8 @@ def _state_dict(chunks, optimizer, scheduler, iteration, data_state, save_optim,
     state["iteration"] = iteration
     state["data_state"] = data_state
     state["saved_parts"] = {"optimizer": optimizer is not None and save_optim, "rng": save_rng,
-                            "rng_layout": rng_layout(), "optimizer_kind": _optimizer_kind(optimizer)}
+                            "rng_layout": rng_layout(), "optimizer_kind": _optimizer_kind(optimizer),
+                            "model": part}
     state["checkpoint_version"] = 3.0
     return state
 
@@ -89,7 +90,7 @@ def _state_dict(chunks, optimizer, scheduler, iteration, data_state, save_optim,
 def save_checkpoint(save_dir: str, iteration: int, chunks: list, optimizer=None, scheduler=None,
                     data_state: Optional[dict] = None, save_optim: bool = True, save_rng: bool = True,
                     before_publish: Optional[Callable[[str], None]] = None, async_queue=None,
-                    after_publish: Optional[Callable[[], None]] = None) -> str:
+                    after_publish: Optional[Callable[[], None]] = None, part: str = "all") -> str:
     """Saves atomically (see module docstring); returns the final directory.
 
     ``before_publish(tmp_dir)`` (collective) writes more into the checkpoint before it is published
@@ -111,7 +112,7 @@ def save_checkpoint(save_dir: str, iteration: int, chunks: list, optimizer=None,
     if before_publish is not None:
         before_publish(tmp)
     state = _state_dict(chunks, optimizer, scheduler, iteration, data_state or {}, save_optim, save_rng,
-                        loading=False)
+                        loading=False, part=part)
     needed = _check_free_space(save_dir, state, final)
 
     def publish():
@@ -254,7 +255,8 @@ class Checkpointer:
         save_checkpoint(self.save_dir, iteration, self.chunks, self.optimizer, self.scheduler,
                         data_state=data_state or {}, save_optim=self.settings.save_optim,
                         save_rng=self.settings.save_rng, before_publish=before, async_queue=self.queue,
-                        after_publish=lambda: self._published(final))
+                        after_publish=lambda: self._published(final),
+                        part="trainable" if getattr(self.settings, "adapter_only", False) else "all")
         if _rank() == 0:
             how = "started writing" if self.queue is not None else "saved"
             logger.info("%s checkpoint iteration %d in %s", how, iteration, self.save_dir)
@@ -308,20 +310,29 @@ def check_shard_files(directory: str) -> None:
 
 
 def load_checkpoint(load_dir: str, chunks: list, optimizer=None, scheduler=None, finetune: bool = False,
-                    load_optim: bool = True, load_rng: bool = True) -> LoadedCheckpoint:
+                    load_optim: bool = True, load_rng: bool = True, part: str = "all",
+                    what: str = "--load") -> LoadedCheckpoint:
     """Loads the checkpoint ``load_dir`` means into the model (and optimizer/scheduler/RNG unless
-    finetune)."""
+    finetune). ``part``: the parameters to load ("all"; under LoRA "base" for the base model and
+    "trainable" for an adapter checkpoint); ``what``: the argument named in errors."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     ref = find_checkpoint(load_dir)
     if ref is None:
-        raise layout.CheckpointError(f"--load {load_dir}: holds no complete checkpoint")
+        raise layout.CheckpointError(f"{what} {load_dir}: holds no complete checkpoint")
     if ref.how not in ("tracker", "the directory itself") and _rank() == 0:
         logger.warning("--load %s: loading %s (%s)", load_dir, ref.directory, ref.how)
     directory = ref.directory
     check_shard_files(directory)
     saved = dist_checkpointing.load_common_state_dict(directory).get("saved_parts", {})
+    saved_part = saved.get("model", "all")
+    if saved_part == "trainable" and part != "trainable":
+        raise layout.CheckpointError(f"{what} {load_dir}: {directory} is a LoRA adapter checkpoint (no base weights); "
+                                     f"give it as --adapter_load with --train_type lora and the base as --model")
+    if part == "trainable" and saved_part != "trainable":
+        raise layout.CheckpointError(f"{what} {load_dir}: {directory} is not a LoRA adapter checkpoint; give a "
+                                     f"full checkpoint as --load")
     load_optim = load_optim and not finetune and saved.get("optimizer", False) and optimizer is not None
     load_rng = load_rng and not finetune and saved.get("rng", False)
     if load_rng and saved.get("rng_layout") != rng_layout():
@@ -340,23 +351,23 @@ def load_checkpoint(load_dir: str, chunks: list, optimizer=None, scheduler=None,
         mcore_compat.prepare_optimizer_load(optimizer)
         _materialize_optimizer_state(optimizer)
     state = _state_dict(chunks, optimizer if load_optim else None, scheduler if load_optim else None, 0, {},
-                        save_optim=load_optim, save_rng=load_rng, loading=True)
+                        save_optim=load_optim, save_rng=load_rng, loading=True, part=part)
     for change in adapt_request(state, directory):
         logger.debug("checkpoint %s: %s", directory, change)
     try:
         loaded = dist_checkpointing.load(state, directory)
     except (KeyError, CheckpointingException) as exc:
         if not load_optim or "optimizer" not in str(exc):
-            raise layout.CheckpointError(f"--load {load_dir}: {directory} does not fit this model: "
+            raise layout.CheckpointError(f"{what} {load_dir}: {directory} does not fit this model: "
                                          f"{_first_line(exc)}") from None
         raise OptimizerStateMismatch(
             f"--load {load_dir}: the optimizer state in {directory} does not match this run's optimizer (it was "
             f"saved by another version or optimizer setup; {_first_line(exc)}); load the model weights only with "
             f"--no_load_optim true") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:  # unreadable data behind an intact index
-        raise layout.CheckpointError(f"--load {load_dir}: {directory} cannot be read ({type(exc).__name__}: "
+        raise layout.CheckpointError(f"{what} {load_dir}: {directory} cannot be read ({type(exc).__name__}: "
                                      f"{_first_line(exc)}); the checkpoint is damaged") from None
-    load_model_state(chunks, loaded)
+    load_model_state(chunks, loaded, part)
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         mcore_compat.finish_optimizer_load(optimizer)

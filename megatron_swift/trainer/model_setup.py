@@ -105,9 +105,11 @@ def _precision_aware(settings: OptimizerSettings) -> dict:
     return out
 
 
-def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings):
+def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings, param_group_overrides=None):
+    """``param_group_overrides``: extra megatron-core ``{ParamKey: ParamGroupOverride}`` (LoRA+), on
+    top of megatron's standard ones (no weight decay for biases and norms)."""
     from megatron.core.distributed import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 
     opt_config = OptimizerConfig(
         optimizer=settings.optimizer,
@@ -125,7 +127,10 @@ def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings):
         use_distributed_optimizer=settings.use_distributed_optimizer,
         **_precision_aware(settings),
     )
-    optimizer = get_megatron_optimizer(opt_config, ddp_chunks)
+    overrides = None
+    if param_group_overrides:
+        overrides = {**get_standard_config_overrides(opt_config), **param_group_overrides}
+    optimizer = get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
     # The hooks megatron's schedules call: grad sync/scaling after the last microbatch, loss
     # scaling for fp16, and no_sync across microbatches.
     config.finalize_model_grads_func = finalize_model_grads

@@ -155,6 +155,10 @@ class CheckpointSettings:
     load_optim: bool = True
     load_rng: bool = True
     overwrite: bool = False  # --overwrite_output_dir: a fresh run replaces the checkpoints in --save
+    # LoRA: checkpoints hold the trainable parameters only (adapters, modules_to_save); the base
+    # comes from --model / --load, the adapter checkpoint to resume from is --adapter_load
+    adapter_only: bool = False
+    adapter_load: Optional[str] = None
 
 
 @dataclass
@@ -224,6 +228,21 @@ class TrainingSettings:
     manual_gc: bool = False
     manual_gc_interval: int = 0
     dataset_preview: int = 0
+    lora: Optional["LoraSettings"] = None  # noqa: F821  (--train_type lora)
+
+
+def lora_settings(args):
+    """``--train_type lora``: the adapter settings (megatron_swift.tuners.lora); None for full training."""
+    if args.train_type != "lora":
+        return None
+    from megatron_swift.tuners.lora import LoraSettings
+
+    return LoraSettings(
+        rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, bias=args.lora_bias,
+        dtype=_DTYPES[args.lora_dtype] if args.lora_dtype else None, use_rslora=args.use_rslora,
+        init_weights=str(args.init_weights).lower(), target_modules=tuple(args.target_modules),
+        target_regex=args.target_regex, modules_to_save=tuple(args.modules_to_save), seed=args.seed,
+        lorap_lr_ratio=args.lorap_lr_ratio, peft_adapter=args.adapters[0] if args.adapters else None)
 
 
 def _report_to(args) -> frozenset:
@@ -264,7 +283,8 @@ def training_settings(args) -> TrainingSettings:
             save_total_limit=args.save_total_limit, save_optim=not args.no_save_optim, save_rng=not args.no_save_rng,
             save_safetensors=args.save_safetensors, async_save=args.async_save, load=args.load,
             finetune=args.finetune, load_optim=not args.no_load_optim, load_rng=not args.no_load_rng,
-            overwrite=args.overwrite_output_dir),
+            overwrite=args.overwrite_output_dir, adapter_only=args.train_type == "lora",
+            adapter_load=args.adapter_load),
         exit=ExitSettings(signal_handler=args.exit_signal_handler, interval=args.exit_interval,
                           duration_minutes=args.exit_duration_in_mins),
         logging=LoggingSettings(
@@ -288,5 +308,5 @@ def training_settings(args) -> TrainingSettings:
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size,
         distributed_backend=args.distributed_backend, timeout_seconds=args.ddp_timeout,
         prefetch_steps=args.num_workers, manual_gc=args.manual_gc, manual_gc_interval=args.manual_gc_interval,
-        dataset_preview=args.dataset_preview,
+        dataset_preview=args.dataset_preview, lora=lora_settings(args),
     )

@@ -64,7 +64,8 @@ def save_dir_of(settings: TrainingSettings) -> str:
     """``--save``, plus ``v<N>-<timestamp>`` when ``--add_version`` (rank 0 decides, all agree)."""
     ckpt = settings.checkpoint
     save = ckpt.save
-    if not ckpt.add_version or (ckpt.load and os.path.abspath(ckpt.load) == os.path.abspath(save)):
+    resumed = [p for p in (ckpt.load, ckpt.adapter_load) if p and os.path.abspath(p) == os.path.abspath(save)]
+    if not ckpt.add_version or resumed:
         return save
     name = [None]
     if torch.distributed.get_rank() == 0:
@@ -130,6 +131,18 @@ def run_training(args) -> int:
         from megatron.core.transformer.module import Float16Module
 
         chunks = [Float16Module(config, chunk) for chunk in chunks]
+    if settings.lora is not None:
+        from megatron_swift.tuners.lora import apply_lora_everywhere
+
+        if settings.lora.peft_adapter:  # rank, alpha, targets... come from the adapter's config
+            from megatron_swift.tuners.peft_io import settings_from_peft
+
+            settings.lora = settings_from_peft(settings.lora, settings.lora.peft_adapter)
+        apply_lora_everywhere(chunks, config, settings.lora)
+        if settings.checkpoint.save_safetensors:
+            from megatron_swift.tuners.peft_io import check_peft_exportable
+
+            check_peft_exportable(chunks, "--save_safetensors")
     freeze = settings.freeze
     frozen = apply_freezing(chunks, config.num_layers, freeze.freeze_parameters, freeze.freeze_parameters_regex,
                             freeze.freeze_parameters_ratio, freeze.trainable_parameters,
@@ -137,7 +150,12 @@ def run_training(args) -> int:
     if frozen:
         logger.info("froze %d parameter tensors on this rank", frozen)
     ddp_chunks = wrap_ddp(chunks, config, settings.optimizer)
-    optimizer = build_optimizer(ddp_chunks, config, settings.optimizer)
+    overrides = None
+    if settings.lora is not None:
+        from megatron_swift.tuners.lora import lora_plus_overrides
+
+        overrides = lora_plus_overrides(settings.lora, settings.optimizer.lr, settings.optimizer.min_lr)
+    optimizer = build_optimizer(ddp_chunks, config, settings.optimizer, param_group_overrides=overrides)
 
     from .data_feed import build_training_data
 
@@ -156,9 +174,11 @@ def run_training(args) -> int:
 
     ckpt = settings.checkpoint
     start = 0
-    if resume:
-        loaded = load_checkpoint(ckpt.load, ddp_chunks, optimizer, scheduler, finetune=ckpt.finetune,
-                                 load_optim=ckpt.load_optim, load_rng=ckpt.load_rng)
+    lora = settings.lora is not None
+    if resume:  # under LoRA --load is the base model: weights only, no adapters
+        loaded = load_checkpoint(ckpt.load, ddp_chunks, optimizer, scheduler, finetune=ckpt.finetune or lora,
+                                 load_optim=ckpt.load_optim, load_rng=ckpt.load_rng,
+                                 part="base" if lora else "all")
         start = loaded.iteration
         data.resume_from(start, loaded.data_state)
         if start:
@@ -174,6 +194,21 @@ def run_training(args) -> int:
     else:
         logger.warning("%s has no *.safetensors and no --load was given: training from random init",
                        source.model_dir or source.model)
+    if lora and settings.lora.peft_adapter:
+        from megatron_swift.tuners.peft_io import load_peft_adapter
+
+        load_peft_adapter(ddp_chunks, settings.lora.peft_adapter, config, gpt_settings)
+        optimizer.reload_model_params()
+        logger.info("loaded the PEFT adapter %s", settings.lora.peft_adapter)
+    if lora and ckpt.adapter_load and find_checkpoint(ckpt.adapter_load) is not None:
+        loaded = load_checkpoint(ckpt.adapter_load, ddp_chunks, optimizer, scheduler, finetune=ckpt.finetune,
+                                 load_optim=ckpt.load_optim, load_rng=ckpt.load_rng, part="trainable",
+                                 what="--adapter_load")
+        start = loaded.iteration
+        data.resume_from(start, loaded.data_state)
+        resume = True
+        logger.info("loaded the LoRA adapter %s%s", loaded.directory,
+                    f": resuming at iteration {start}" if start else "")
 
     objective = None
     if settings.command == "rlhf":  # DPO / KTO: the loss hook and its reference model (megatron_swift/rlhf)
@@ -241,7 +276,12 @@ def _iterations(settings: TrainingSettings, data) -> tuple[int, int]:
 
 
 def _hf_export(settings: TrainingSettings, config, gpt_settings, hf_config, data):
-    """``--save_safetensors``: what writes the HF copy of a saved iteration (see checkpoint.py)."""
+    """``--save_safetensors``: what writes the HF copy of a saved iteration (see checkpoint.py);
+    under LoRA the PEFT adapter."""
+    if settings.lora is not None:
+        from megatron_swift.tuners.peft_io import PeftCopy
+
+        return PeftCopy(config, gpt_settings, settings.lora, settings.source.model)
     from .hf_copy import HFCopy
 
     return HFCopy(config=config, gpt_settings=gpt_settings, hf_config=hf_config, source_dir=settings.source.model_dir,
