@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .hf_dir import save_mcore_as_hf, torch_dtype_of
 from .load import check_hf_checkpoint, family_ignored, materialize
 from .plan import global_entries, local_params
-from .registry import mapping_for
+from .registry import mapping_of
 from .hf_io import HFCheckpoint
 from .mcore_io import (RELEASE, CheckpointParams, build_chunks, read_args_json, save_lazily, write_layout)
 from .outdir import atomic_output_dir
@@ -67,7 +67,7 @@ def convert_hf_to_mcore(model_dir: str, out_dir: str, *, hf_config=None, overrid
     overrides = dict(overrides or {})
     chunks, config, settings = build_chunks(hf_config, dict(overrides, params_dtype=dtype), meta=True)
     geo = geometry(config, settings)
-    lps = local_params(chunks, mapping_for(settings.family), settings.share_embeddings_and_output_weights)
+    lps = local_params(chunks, mapping_of(settings), settings.share_embeddings_and_output_weights)
     reader = HFCheckpoint(model_dir)
     try:
         check_hf_checkpoint(reader, global_entries(lps, geo), family_ignored(reader, config, settings))
@@ -104,7 +104,8 @@ def convert_hf_to_mcore(model_dir: str, out_dir: str, *, hf_config=None, overrid
 def convert_mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config=None, source_dir: Optional[str] = None,
                         overrides: Optional[dict] = None, torch_dtype=None, max_shard_size="5GB",
                         thread_count: Optional[int] = None, exist_ok: bool = False,
-                        test_convert_precision: bool = False, hf_attn_implementation: str = "eager") -> Optional[dict]:
+                        test_convert_precision: bool = False, hf_attn_implementation: str = "eager",
+                        num_labels: Optional[int] = None) -> Optional[dict]:
     """Megatron-Core dist checkpoint -> HF dir (sharded safetensors, config, tokenizer files).
 
     The HF config comes from ``hf_config``, else the checkpoint's ``args.json``, else
@@ -113,6 +114,9 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config=None, source_
     from megatron_swift.model import load_hf_config
 
     recorded = read_args_json(mcore_dir)
+    base = os.path.basename(os.path.normpath(os.path.expanduser(mcore_dir)))
+    if not recorded and (base.startswith("iter_") or base == RELEASE):  # an iteration directory: its run's args.json
+        recorded = read_args_json(os.path.dirname(os.path.normpath(os.path.expanduser(mcore_dir))))
     if hf_config is None:
         if recorded.get("hf_config"):
             hf_config = hf_config_from_dict(recorded["hf_config"])
@@ -120,6 +124,10 @@ def convert_mcore_to_hf(mcore_dir: str, out_dir: str, *, hf_config=None, source_
             hf_config = load_hf_config(source_dir)
         else:
             raise ValueError(f"no HF config for {mcore_dir}: it has no args.json with hf_config; pass --model")
+    if num_labels is not None:  # --task_type seq_cls: a reward / classification model
+        from megatron_swift.rlhf.reward import make_seq_cls_config
+
+        make_seq_cls_config(hf_config, num_labels)
     if source_dir is None and recorded.get("model_dir") and os.path.isdir(recorded["model_dir"]):
         source_dir = recorded["model_dir"]
     dtype = (torch_dtype_of(torch_dtype) or torch_dtype_of(recorded.get("torch_dtype")) or torch_dtype_of(getattr(hf_config, "dtype", None))

@@ -31,6 +31,7 @@ def write_hf_config(hf_config, out_dir: str, dtype: torch.dtype, source_dir: Opt
             cfg = json.load(f)
     if cfg is None:
         cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config)
+    _seq_cls_fields(cfg, hf_config)
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else None
     for d in (cfg, text):
         if d is None:
@@ -49,6 +50,20 @@ def write_hf_config(hf_config, out_dir: str, dtype: torch.dtype, source_dir: Opt
                     or entry.startswith(".")):
                 continue
             shutil.copy2(path, os.path.join(out_dir, entry))
+
+
+def _seq_cls_fields(cfg: dict, hf_config) -> None:
+    """A reward / sequence-classification model (``hf_config`` says so) written from a causal LM's
+    source directory: its config.json gets the classification architecture, labels and pad id."""
+    from megatron_swift.rlhf.reward import seq_cls_num_labels
+
+    if hf_config is None or not hasattr(hf_config, "to_dict") or seq_cls_num_labels(hf_config) is None:
+        return
+    d = hf_config.to_dict()
+    for key in ("architectures", "id2label", "label2id", "pad_token_id", "problem_type"):
+        if d.get(key) is not None:
+            cfg[key] = d[key]
+    cfg.pop("num_labels", None)  # transformers derives it from id2label
 
 
 def save_mcore_as_hf(chunks: list, config, settings, hf_config, out_dir: str, *, source_dir: Optional[str] = None,

@@ -10,7 +10,7 @@ import torch
 
 from .hf_io import HFCheckpoint
 from .plan import HFEntry, LocalParam, global_entries, local_params
-from .registry import mapping_for
+from .registry import mapping_of
 from .transforms import Geometry, geometry, hf_shapes, hf_to_local
 
 logger = logging.getLogger(__name__)
@@ -69,13 +69,21 @@ def load_hf_into_mcore(chunks: list, hf_dir: str, config, settings, *, check: bo
     verifies the whole checkpoint against the model (missing tensors, shapes, unused tensors):
     a collective call, so every rank must make it.
     """
-    mapping = mapping_for(settings.family)
+    mapping = mapping_of(settings)
     geo = geometry(config, settings)
     reader = HFCheckpoint(hf_dir)
     try:
         lps = local_params(chunks, mapping, settings.share_embeddings_and_output_weights)
+        ignored = family_ignored(reader, config, settings)
+        if getattr(settings, "num_labels", None) is not None and "score.weight" not in reader.tensors:
+            # a reward model started from a causal LM (as transformers' from_pretrained does): the
+            # value head keeps its fresh initialisation, the LM head is not used
+            lps = [lp for lp in lps if lp.name != "output_layer.weight"]
+            ignored = list(ignored) + ["lm_head.weight"]
+            logger.warning("%s has no score.weight (a causal LM): the value head starts from random init (std %g)",
+                           hf_dir, config.init_method_std)
         if check:
-            check_hf_checkpoint(reader, global_entries(lps, geo), family_ignored(reader, config, settings))
+            check_hf_checkpoint(reader, global_entries(lps, geo), ignored)
         with torch.no_grad():
             for lp in lps:
                 lp.param.copy_(materialize(lp, reader, geo))

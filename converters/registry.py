@@ -34,3 +34,16 @@ def mapping_for(family) -> FamilyMapping:
     if hasattr(family, "mapping"):
         return family.mapping
     return family_by_name(family).mapping
+
+
+def mapping_of(settings) -> FamilyMapping:
+    """The mapping of a built model (``GPTSettings``): its family's, with the value head of a
+    ``*ForSequenceClassification`` model (``score.weight``) in place of the LM head."""
+    mapping = mapping_for(settings.family)
+    if getattr(settings, "num_labels", None) is None:
+        return mapping
+    from megatron_swift.rlhf.reward import seq_cls_rule
+
+    head = seq_cls_rule()
+    rules = tuple(head if r.mcore == head.mcore else r for r in mapping.rules)
+    return FamilyMapping(f"{mapping.name}:seq_cls", rules)

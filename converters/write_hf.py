@@ -15,7 +15,7 @@ from . import comm
 from .hf_io import INDEX_FILE, ShardPlan, ShardWriter, parse_size
 from .mapping import format_key
 from .plan import LocalParam, _ps, global_entries, local_params
-from .registry import mapping_for
+from .registry import mapping_of
 from .transforms import Geometry, geometry, local_shards_to_hf
 
 
@@ -126,7 +126,7 @@ def write_hf_weights(chunks: list, config, settings, out_dir: str, *, dtype: tor
     own; ``mcore_io.CheckpointParams`` loads them group by group from a dist checkpoint).
     """
     params = params or LiveParams()
-    mapping = mapping_for(settings.family)
+    mapping = mapping_of(settings)
     geo = geometry(config, settings)
     lps = local_params(chunks, mapping, settings.share_embeddings_and_output_weights)
     entries = [e for e in global_entries(lps, geo) if e.written]

@@ -48,6 +48,7 @@ class ExportSettings:
     model_revision: Optional[str]
     mcore_adapters: tuple = ()  # LoRA adapter checkpoints (one is built): exported as PEFT or merged
     merge_lora: bool = False
+    num_labels: Optional[int] = None  # --task_type seq_cls: a *ForSequenceClassification (reward model)
 
 
 def _overrides(args) -> dict:
@@ -80,6 +81,7 @@ def export_settings(args) -> ExportSettings:
         seed=args.seed, timeout_seconds=args.ddp_timeout, distributed_backend=args.distributed_backend,
         use_hf=args.use_hf, hub_token=args.hub_token, model_revision=args.model_revision,
         mcore_adapters=tuple(args.mcore_adapters), merge_lora=args.merge_lora,
+        num_labels=(args.num_labels or 1) if args.task_type == "seq_cls" else None,
     )
 
 
@@ -136,6 +138,10 @@ def export(args):
             if s.model_type and s.model_type != hf_config.model_type:
                 raise ValueError(f"--model_type {s.model_type}: {s.model} is a {hf_config.model_type!r} model "
                                  f"(config.json); leave --model_type unset")
+            if s.num_labels is not None:
+                from megatron_swift.rlhf.reward import make_seq_cls_config
+
+                make_seq_cls_config(hf_config, s.num_labels)
             result = convert_hf_to_mcore(
                 s.model_dir, s.output_dir, hf_config=hf_config, overrides=s.overrides, torch_dtype=s.torch_dtype,
                 thread_count=s.thread_count, exist_ok=s.exist_ok, test_convert_precision=s.test_convert_precision,
@@ -144,7 +150,8 @@ def export(args):
             result = convert_mcore_to_hf(
                 s.mcore_model, s.output_dir, source_dir=s.model_dir, overrides=s.overrides, torch_dtype=s.torch_dtype,
                 max_shard_size=s.max_shard_size, thread_count=s.thread_count, exist_ok=s.exist_ok,
-                test_convert_precision=s.test_convert_precision, hf_attn_implementation=s.hf_attn_implementation)
+                test_convert_precision=s.test_convert_precision, hf_attn_implementation=s.hf_attn_implementation,
+                num_labels=s.num_labels)
     finally:
         destroy_parallel()
     return result

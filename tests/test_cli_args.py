@@ -490,9 +490,9 @@ def test_sft_dispatches_to_trainer(model, clean_env, monkeypatch):
 
 
 def test_not_built_and_errors_in_process(model, clean_env, capsys):
-    rc = cli_main.main(["rlhf", "--rlhf_type", "rm", "--model", model, "--dataset", "d", "--train_iters", "3"])
+    rc = cli_main.main(["rlhf", "--rlhf_type", "ppo", "--model", model, "--dataset", "d", "--train_iters", "3"])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("megatron rlhf: error: argument --rlhf_type rm: not built yet")
+    assert rc == 2 and err.startswith("megatron rlhf: error: argument --rlhf_type ppo: not built yet")
     rc = cli_main.main(["rlhf", "--model", model, "--dataset", "d", "--train_iters", "3", "--beta", "x"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("megatron rlhf: error: argument --beta")

@@ -48,7 +48,14 @@ def test_dpo_settings_defaults_and_aliases(model_and_data):
 
 
 @pytest.mark.parametrize("extra, names", [
-    (["--rlhf_type", "rm"], ["--rlhf_type rm", "not built"]),
+    (["--rlhf_type", "ppo"], ["--rlhf_type ppo", "not built"]),
+    (["--rlhf_type", "rm", "--num_labels", "2"], ["--num_labels 2", "num_labels 1"]),
+    (["--rlhf_type", "rm", "--task_type", "embedding"], ["--task_type embedding", "seq_cls"]),
+    (["--rlhf_type", "rm", "--beta", "0.2"], ["--beta", "does not apply to --rlhf_type rm"]),
+    (["--rlhf_type", "rm", "--ref_model", "m"], ["--ref_model", "rm"]),
+    (["--rlhf_type", "rm", "--rpo_alpha", "0.5"], ["--rpo_alpha", "rm"]),
+    (["--center_rewards_coefficient", "0.1"], ["--center_rewards_coefficient", "does not apply to --rlhf_type dpo"]),
+    (["--task_type", "seq_cls"], ["--task_type seq_cls", "rlhf_type rm"]),
     (["--rlhf_type", "grpo", "--reward_funcs", "accuracy"], ["--rlhf_type grpo", "not built"]),
     (["--desirable_weight", "2"], ["--desirable_weight", "does not apply to --rlhf_type dpo"]),
     (["--rlhf_type", "kto", "--micro_batch_size", "2", "--rpo_alpha", "0.5"], ["--rpo_alpha", "kto"]),
@@ -65,3 +72,12 @@ def test_not_built_is_refused_by_name(model_and_data, extra, names):
     message = error(model_and_data, *extra)
     for name in names:
         assert name in message, message
+
+
+def test_rm_settings(model_and_data):
+    from megatron_swift.rlhf.settings import rlhf_settings
+
+    s = rlhf_settings(rlhf(model_and_data, "--rlhf_type", "rm", "--task_type", "seq_cls", "--num_labels", "1",
+                           "--center_rewards_coefficient", "0.01"))
+    assert (s.rlhf_type, s.center_rewards_coefficient) == ("rm", 0.01)
+    assert rlhf_settings(rlhf(model_and_data, "--rlhf_type", "rm")).center_rewards_coefficient is None

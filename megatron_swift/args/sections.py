@@ -374,6 +374,8 @@ class RLHFArguments:
                                               "grpo (grpo).")
     desirable_weight: float = arg(1.0, ge=0.0, help="KTO weight of desirable responses.")
     undesirable_weight: float = arg(1.0, ge=0.0, help="KTO weight of undesirable responses.")
+    center_rewards_coefficient: Optional[float] = arg(None, ge=0.0, help="RM: weight of the reward-centring "
+                                                      "term mean((r_chosen + r_rejected)^2) (TRL); default: off.")
     cpo_alpha: float = arg(1.0, ge=0.0, help="NLL weight in CPO/SimPO.")
     simpo_gamma: float = arg(1.0, help="SimPO reward margin.")
     # generation-based algorithms (grpo, gkd, ppo)

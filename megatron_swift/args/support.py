@@ -79,9 +79,25 @@ def _dora(args, caps):
 
 
 def _task(args, caps):
+    reward_model = args.command == "rlhf" and args.rlhf_type == "rm"
+    if reward_model:  # a *ForSequenceClassification with one label (ms-swift: task_type seq_cls, num_labels 1)
+        if args.task_type not in ("causal_lm", "seq_cls"):
+            return f"argument --task_type {args.task_type}: a reward model (--rlhf_type rm) is seq_cls"
+        if args.num_labels is not None and args.num_labels != 1:
+            return (f"argument --num_labels {args.num_labels}: a reward model (--rlhf_type rm) has one score "
+                    f"(num_labels 1)")
+        if _given(args, "problem_type"):
+            return "argument --problem_type: a reward model trains on pairs (Bradley-Terry); leave it unset"
+        return None
+    if args.command == "export" and args.task_type == "seq_cls":  # converting a reward / classification model
+        if _given(args, "problem_type"):
+            return "argument --problem_type: conversion does not use it; leave it unset"
+        if args.mcore_adapters:
+            return "argument --task_type seq_cls: LoRA adapters of reward models are not built (export the full model)"
+        return None
     if args.task_type != "causal_lm":
         return (f"argument --task_type {args.task_type}: only causal_lm is built (reward models come with "
-                f"`megatron rlhf --rlhf_type rm`)")
+                f"`megatron rlhf --rlhf_type rm`; `megatron export --task_type seq_cls` converts them)")
     for name in ("num_labels", "problem_type"):
         if _given(args, name):
             return f"argument --{name}: applies to --task_type seq_cls only"
@@ -248,10 +264,11 @@ def _backend(args, caps):
 
 # megatron rlhf: what DPO reads (megatron_swift/rlhf/settings.py); every other RLHF argument belongs
 # to a type that is not built and is refused when given
-BUILT_RLHF = ("dpo", "kto")
+BUILT_RLHF = ("dpo", "kto", "rm")
 COMMON_FIELDS = ("rlhf_type", "ref_load", "ref_model", "beta", "loss_type")
 DPO_ONLY = ("rpo_alpha", "reference_free", "label_smoothing", "f_divergence_type")
 KTO_ONLY = ("desirable_weight", "undesirable_weight")
+RM_ONLY = ("center_rewards_coefficient",)
 
 
 def _rlhf_only_fields() -> tuple:
@@ -259,16 +276,18 @@ def _rlhf_only_fields() -> tuple:
 
     from megatron_swift.args.sections import RLHFArguments
 
-    used = COMMON_FIELDS + DPO_ONLY + KTO_ONLY
+    used = COMMON_FIELDS + DPO_ONLY + KTO_ONLY + RM_ONLY
     return tuple(f.name for f in dataclasses.fields(RLHFArguments) if f.name not in used)
 
 
 def _rlhf(args, caps):
     kind = args.rlhf_type
     if kind not in BUILT_RLHF:
-        return (f"argument --rlhf_type {kind}: not built yet in this version; --rlhf_type dpo and kto are "
-                f"(rm is planned next, grpo/gkd/ppo/orpo/simpo/cpo later)")
-    other = KTO_ONLY if kind == "dpo" else DPO_ONLY
+        return (f"argument --rlhf_type {kind}: not built yet in this version; --rlhf_type dpo, kto and rm are "
+                f"(grpo/gkd/ppo/orpo/simpo/cpo later)")
+    other = {"dpo": KTO_ONLY + RM_ONLY, "kto": DPO_ONLY + RM_ONLY,
+             # the reward model has no reference and no beta / loss variants
+             "rm": DPO_ONLY + KTO_ONLY + ("ref_load", "ref_model", "beta", "loss_type")}[kind]
     given = [n for n in _rlhf_only_fields() + other if _given(args, n)]
     if given:
         return f"argument --{given[0]}: does not apply to --rlhf_type {kind}"
@@ -336,7 +355,7 @@ RULES = (
     Rule(("position_embedding_type", "rotary_percent", "swiglu", "disable_bias_linear"), TRAIN, _model_shape),
     Rule(("report_to",), TRAIN, _report_to),
     Rule(("distributed_backend",), ALL, _backend),
-    Rule(_rlhf_only_fields(), ("rlhf",), _rlhf),  # + DPO_ONLY / KTO_ONLY when given to the other type
+    Rule(_rlhf_only_fields(), ("rlhf",), _rlhf),  # + DPO_ONLY / KTO_ONLY / RM_ONLY when given to another type
     Rule(("merge_lora", "mcore_adapters", "safe_serialization", "push_to_hub", "hub_model_id", "hub_private_repo",
           "commit_message", "sequence_parallel", "rope_scaling"), ("export",), _export_only),
 )

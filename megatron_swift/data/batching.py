@@ -121,6 +121,9 @@ class Collator:
         pairs = sum(1 for i in items if isinstance(i, dict) and "chosen_input_ids" in i)
         if pairs:
             batch["num_pairs"] = pairs  # sequences [0, pairs) chosen, [pairs, 2 x pairs) rejected
+            margins = [i.get("margin") for i in items if isinstance(i, dict) and "chosen_input_ids" in i]
+            if any(m is not None for m in margins):  # the reward model's margin column (0 where a row has none)
+                batch["margin"] = torch.tensor([0.0 if m is None else float(m) for m in margins], dtype=torch.float32)
         if kto:
             batch["num_samples"] = num_samples  # KTO: [0, n) the samples, [n, 2n) their KL sequences
         if pairs or kto:  # preference batches: real sequences in collation order (THD: padding segment after)

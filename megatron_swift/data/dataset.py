@@ -30,7 +30,7 @@ from .preprocess import RowError, UnsupportedRowError, normalize_row, normalized
 
 logger = logging.getLogger(__name__)
 
-_PIPELINE_VERSION = 2  # 2: media rows stop preprocessing; bad-row kinds from the reader
+_PIPELINE_VERSION = 3  # 2: media rows stop preprocessing; bad-row kinds from the reader; 3: margin column
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _is_iterable(ds) -> bool:
 # ---------------------------------------------------------------------------------------- normalize
 def _normalize_batch(batch: Dict[str, list], *, columns, model_name, model_author, require_response: bool,
                      strict: bool) -> Dict[str, list]:
-    out = {k: [] for k in ("messages", "tools", "rejected_response", "label", "__file", "__line", "__error",
+    out = {k: [] for k in ("messages", "tools", "rejected_response", "label", "margin", "__file", "__line", "__error",
                            "__error_kind")}
     for raw, path, line in zip(batch["__row"], batch["__file"], batch["__line"]):
         try:
@@ -84,9 +84,9 @@ def _normalize_batch(batch: Dict[str, list], *, columns, model_name, model_autho
         except RowError as e:
             if strict:
                 raise DataRowError(f"{path}:{line}: {e} (--strict true stops at the first bad row)") from None
-            row = {"messages": [], "tools": None, "rejected_response": None, "label": None}
+            row = {"messages": [], "tools": None, "rejected_response": None, "label": None, "margin": None}
             err, kind = f"{os.path.basename(path)}:{line}: {e}", e.kind
-        for k in ("messages", "tools", "rejected_response", "label"):
+        for k in ("messages", "tools", "rejected_response", "label", "margin"):
             out[k].append(row[k])
         out["__file"].append(path)
         out["__line"].append(line)
@@ -311,7 +311,8 @@ def encoded_features(mode: str):
     ids = DList(Value("int32"))
     cols = {"input_ids": ids, "labels": ids}
     if mode == "pair":
-        cols = {"chosen_input_ids": ids, "chosen_labels": ids, "rejected_input_ids": ids, "rejected_labels": ids}
+        cols = {"chosen_input_ids": ids, "chosen_labels": ids, "rejected_input_ids": ids, "rejected_labels": ids,
+                "margin": Value("float64")}
     elif mode == "kto":
         cols["label"] = Value("bool")
     elif mode == "prompt":
@@ -325,7 +326,8 @@ def _encode_batch(batch: Dict[str, list], *, template, mode: str, strict: bool) 
 
     n = len(batch["messages"])
     rows = [{"messages": batch["messages"][i], "tools": batch["tools"][i],
-             "rejected_response": batch["rejected_response"][i], "label": batch["label"][i]} for i in range(n)]
+             "rejected_response": batch["rejected_response"][i], "label": batch["label"][i],
+             "margin": batch["margin"][i] if "margin" in batch else None} for i in range(n)]
     results = template.encode_many(rows, mode)
     keys = list(encoded_features(mode))
     out = {k: [] for k in keys}
@@ -346,7 +348,7 @@ def _encode_batch(batch: Dict[str, list], *, template, mode: str, strict: bool) 
                 res["messages"] = rows[i]["messages"]
             res["__error"] = res["__error_kind"] = None
         for k in keys:
-            default = None if k in ("__error", "__error_kind", "label") else 0 if k == "length" else []
+            default = None if k in ("__error", "__error_kind", "label", "margin") else 0 if k == "length" else []
             out[k].append(res.get(k, default))
     return out
 

@@ -69,7 +69,7 @@ def _fetch(dataset, indices: List[int]) -> list:
         return [dataset[i] for i in indices]
     cols = dataset[indices]  # one batched Arrow read
     keys = [k for k in cols if k in ("input_ids", "labels", "chosen_input_ids", "chosen_labels",
-                                     "rejected_input_ids", "rejected_labels", "label")]
+                                     "rejected_input_ids", "rejected_labels", "label", "margin")]
     return [{k: cols[k][j] for k in keys} for j in range(len(indices))]
 
 

@@ -8,12 +8,13 @@ Accepted rows (after ``--columns`` renames):
   query          ``query`` + ``response`` (+ ``history`` = [[q, r], ...], ``system``)
   text           ``text`` (continued pre-training: the whole text is the "response")
 plus ``system``, ``tools`` (list or JSON), ``rejected_response`` (DPO/RM/...), ``label`` (KTO),
-``chosen``/``rejected`` (strings, or message lists as in HH-RLHF).
+``chosen``/``rejected`` (strings, or message lists as in HH-RLHF), ``margin`` (a number: the reward
+model's Bradley-Terry margin of the pair, as TRL's RewardTrainer).
 
 Normalized row::
 
     {"messages": [{"role", "content"}], "tools": str | None,
-     "rejected_response": str | None, "label": bool | None}
+     "rejected_response": str | None, "label": bool | None, "margin": float | None}
 
 A row that cannot be normalized raises :class:`RowError` with a short ``kind`` (for the drop
 counts in the log) and a readable reason. A row with media (non-empty ``images``/``audios``/
@@ -281,7 +282,17 @@ def normalize_row(row: Any, *, columns: Optional[Dict[str, str]] = None, model_n
             label = bool(label)
         else:
             raise RowError("wrong type", f"'label' must be a boolean, got {label!r}")
-    return {"messages": messages, "tools": tools, "rejected_response": rejected, "label": label}
+    margin = row.get("margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float, str)):
+            raise RowError("wrong type", f"'margin' must be a number, got {margin!r}")
+        try:
+            margin = float(margin)
+        except ValueError:
+            raise RowError("wrong type", f"'margin' must be a number, got {margin!r}") from None
+        if margin != margin or margin in (float("inf"), float("-inf")):
+            raise RowError("wrong type", f"'margin' must be a finite number, got {margin!r}")
+    return {"messages": messages, "tools": tools, "rejected_response": rejected, "label": label, "margin": margin}
 
 
 def normalized_features():
@@ -292,6 +303,7 @@ def normalized_features():
         "tools": Value("string"),
         "rejected_response": Value("string"),
         "label": Value("bool"),
+        "margin": Value("float64"),
         "__file": Value("string"),
         "__line": Value("int64"),
         "__error": Value("string"),

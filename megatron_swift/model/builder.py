@@ -219,11 +219,16 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
                 parallel_output=True,
                 vp_stage=stage,
             )
+            if settings.num_labels is not None:  # a reward / sequence-classification model
+                from megatron_swift.rlhf.reward import install_value_head
+
+                install_value_head(model, config, settings.num_labels)
         set_tensor_parallel_attributes(model)  # megatron-core < 0.17 marks TP weights only when it inits them
         if not meta:
             _init_replicated_linears(model, config)
         _apply_rope_parameters(model, hf_config, settings)
-        mask_padded_vocab(model, settings.vocab_size, settings.padded_vocab_size)
+        if settings.num_labels is None:
+            mask_padded_vocab(model, settings.vocab_size, settings.padded_vocab_size)
         model.hf_vocab_size = settings.vocab_size  # the real vocabulary (model.vocab_size is the padded one)
         chunks.append(model if meta else model.to(get_platform().device))
     return chunks, config, settings

@@ -44,6 +44,9 @@ class GPTSettings:
     family: ModelFamily
     # the share of each head's dims that gets rope (HF partial_rotary_factor; GLM-4.5: 0.5)
     rotary_percent: float = 1.0
+    # a ``*ForSequenceClassification`` model (reward model): the output layer is a value head with
+    # this many outputs (megatron_swift/rlhf/reward.py), not the LM head
+    num_labels: Optional[int] = None
 
 
 def load_hf_config(model_dir: str, trust_remote_code: bool = False):
@@ -193,18 +196,22 @@ def transformer_config_from_hf(hf_config, overrides: Optional[dict] = None, wher
     config = config_class(**fields)
 
     vocab = hf_config.vocab_size
+    from megatron_swift.rlhf.reward import seq_cls_num_labels
+
+    num_labels = seq_cls_num_labels(hf_config)
     settings = GPTSettings(
         vocab_size=vocab,
         padded_vocab_size=settings_overrides.get("padded_vocab_size") or padded_vocab_size(vocab, tp),
         max_sequence_length=settings_overrides.get("max_sequence_length")
         or getattr(hf_config, "max_position_embeddings", 4096),
-        share_embeddings_and_output_weights=settings_overrides.get(
+        share_embeddings_and_output_weights=num_labels is None and settings_overrides.get(
             "share_embeddings_and_output_weights", bool(getattr(hf_config, "tie_word_embeddings", False))),
         rotary_base=settings_overrides.get("rotary_base") or theta,
         rope_parameters=rope_parameters,
         family=family,
         rotary_percent=float(rope_parameters_of(hf_config).get("partial_rotary_factor")
                              or getattr(hf_config, "partial_rotary_factor", None) or 1.0),
+        num_labels=num_labels,
     )
     if settings.padded_vocab_size % tp or settings.padded_vocab_size < vocab:
         raise ValueError(

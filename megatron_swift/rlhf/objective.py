@@ -117,3 +117,46 @@ class KTOObjective(DPOObjective):
         self.reference = reference
         self.forward_step = partial(kto_forward_step, settings, vocab_size)
         self.metric_names = KTO_METRICS
+
+
+# ------------------------------------------------------------------------------------------- RM
+RM_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def rm_loss_func(batch: dict, center_rewards_coefficient, scores: torch.Tensor):
+    """Bradley-Terry loss of the micro batch's pairs (TRL's RewardTrainer) from the value head's
+    ``[b, s, 1]`` scores; as DPO: ``(mean over pairs x pairs, pairs)`` back to megatron."""
+    from .reward import reward_loss, sequence_scores
+
+    n = batch["num_pairs"]
+    rewards = sequence_scores(scores.float(), batch, 2 * n)
+    chosen, rejected = rewards[:n], rewards[n:2 * n]
+    losses = reward_loss(chosen, rejected, batch.get("margin"), center_rewards_coefficient)
+    loss = losses.mean()
+    c, r = chosen.detach().double(), rejected.detach().double()
+    count = torch.tensor(float(n), dtype=torch.float64, device=loss.device)
+    report = {"lm loss": torch.stack([loss.detach().double() * n, count])}
+    sums = {"rewards/chosen": c.sum(), "rewards/rejected": r.sum(), "rewards/accuracies": (c > r).double().sum(),
+            "rewards/margins": (c - r).sum()}
+    report.update({k: torch.stack([v, count]) for k, v in sums.items()})
+    return loss * n, torch.tensor(n, dtype=torch.int, device=loss.device), report
+
+
+def rm_forward_step(center_rewards_coefficient, data_iterator, model):
+    batch = next(data_iterator)
+    scores = model(batch["input_ids"], batch["position_ids"], **_model_inputs(model, batch))
+    return scores, partial(rm_loss_func, batch, center_rewards_coefficient)
+
+
+class RMObjective:
+    """``--rlhf_type rm``: the model is a ``*ForSequenceClassification`` (value head, reward.py); no
+    reference model."""
+
+    def __init__(self, center_rewards_coefficient=None):
+        self.center_rewards_coefficient = center_rewards_coefficient
+        self.reference = None
+        self.forward_step = partial(rm_forward_step, center_rewards_coefficient)
+        self.metric_names = RM_METRICS
+
+    def prepare(self, microbatches: list, seq_length: int, micro_batch_size: int) -> None:
+        pass

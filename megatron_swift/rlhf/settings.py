@@ -19,6 +19,7 @@ class RLHFSettings:
     ref_model: Optional[str]  # HF id / dir of the reference
     ref_load: Optional[str]  # mcore checkpoint of the reference (default: --load)
     ref_load_given: bool  # --ref_load / --mcore_ref_model given (not just defaulted to --load)
+    center_rewards_coefficient: Optional[float] = None  # RM: + coef * mean((r_c + r_r)^2) (TRL)
 
 
 def rlhf_settings(args) -> RLHFSettings:
@@ -29,14 +30,19 @@ def rlhf_settings(args) -> RLHFSettings:
     kto = KTOSettings(beta=args.beta, loss_type=args.loss_type, desirable_weight=args.desirable_weight,
                       undesirable_weight=args.undesirable_weight)
     return RLHFSettings(rlhf_type=args.rlhf_type, dpo=dpo, kto=kto, ref_model=args.ref_model, ref_load=args.ref_load,
-                        ref_load_given="ref_load" in (args.explicit_args or []))
+                        ref_load_given="ref_load" in (args.explicit_args or []),
+                        center_rewards_coefficient=args.center_rewards_coefficient)
 
 
 def build_objective(settings: RLHFSettings, policy_chunks: list, hf_config, overrides: dict, where: str,
                     *, policy_is_start: bool, model_dir: Optional[str], use_hf: bool = False,
                     hub_token: Optional[str] = None, vocab_size: int):
-    """The DPO or KTO objective; its reference model unless ``--reference_free`` (DPO)."""
-    from .objective import DPOObjective, KTOObjective
+    """The DPO or KTO objective; its reference model unless ``--reference_free`` (DPO). RM: the
+    Bradley-Terry objective (the model was built with its value head; no reference)."""
+    from .objective import DPOObjective, KTOObjective, RMObjective
+
+    if settings.rlhf_type == "rm":
+        return RMObjective(settings.center_rewards_coefficient)
 
     reference = None
     if settings.rlhf_type == "kto" or not settings.dpo.reference_free:

@@ -430,6 +430,8 @@ class Template:
                         enc[f"{key}_labels"] = done["labels"]
                 if mode == "kto":
                     enc["label"] = bool(row.get("label"))
+                if mode == "pair" and row.get("margin") is not None:
+                    enc["margin"] = float(row["margin"])
                 out.append(enc)
             except TemplateError as e:
                 out.append(e)

@@ -40,6 +40,7 @@ class TrainingData:
     # where the stream stands after an iteration (saved with checkpoints), and resuming from it
     cursor: Callable[[int], dict]
     resume_from: Callable[[int, dict], None]
+    pad_token_id: Optional[int] = None  # the template's (a reward model's config records it)
 
 
 class _Prefetcher:
@@ -182,4 +183,5 @@ def build_training_data(args, prefetch_steps: int = 0, max_epochs: Optional[int]
     return TrainingData(batches_for_step=batches_for_step, eval_batches=eval_batches, seq_length=seq_length,
                         rows_per_micro_batch=rows, template_name=template_name,
                         num_train_samples=data.num_train_samples, iters_for_epochs=iters_for_epochs,
-                        cursor=cursor, resume_from=resume_from)
+                        cursor=cursor, resume_from=resume_from,
+                        pad_token_id=getattr(data.template, "pad_token_id", None))

@@ -102,6 +102,19 @@ def run_training(args) -> int:
             source.model_dir = resolve_model_dir(source.model, source.use_hf, source.hub_token, source.model_revision)
         args.model_dir = source.model_dir  # the data layer reads the tokenizer from there
     hf_config = hf_config_of(source, args.hf_config)
+    reward_model = settings.command == "rlhf" and args.rlhf_type == "rm"
+    from megatron_swift.rlhf.reward import make_seq_cls_config, seq_cls_num_labels
+
+    given_labels = seq_cls_num_labels(hf_config)
+    if reward_model:  # a *ForSequenceClassification model with num_labels 1: the value head (rlhf/reward.py)
+        if given_labels not in (None, 1):
+            raise ValueError(f"--model {source.model}: a sequence-classification model with num_labels "
+                             f"{given_labels}; a reward model (--rlhf_type rm) has num_labels 1")
+        make_seq_cls_config(hf_config, num_labels=1)
+    elif given_labels is not None:
+        raise ValueError(f"--model {source.model}: {hf_config.architectures[0]} is a sequence-classification "
+                         f"model; it trains with `megatron rlhf --rlhf_type rm` (`{settings.command}` needs a "
+                         f"causal LM)")
 
     from megatron_swift.model import build_model
 
@@ -209,6 +222,8 @@ def run_training(args) -> int:
                                     policy_is_start=not resumed_rlhf, model_dir=source.model_dir, use_hf=source.use_hf,
                                     hub_token=source.hub_token, vocab_size=gpt_settings.vocab_size)
 
+    if reward_model and getattr(hf_config, "pad_token_id", None) is None and data.pad_token_id is not None:
+        hf_config.pad_token_id = data.pad_token_id  # transformers' *ForSequenceClassification needs it
     save_dir = save_dir_of(settings)
     if ckpt.overwrite and not resume:
         _clear_previous_run(save_dir)
