@@ -150,12 +150,12 @@ def run_training(args) -> int:
     if frozen:
         logger.info("froze %d parameter tensors on this rank", frozen)
     ddp_chunks = wrap_ddp(chunks, config, settings.optimizer)
-    overrides = None
+    group_overrides = None
     if settings.lora is not None:
         from megatron_swift.tuners.lora import lora_plus_overrides
 
-        overrides = lora_plus_overrides(settings.lora, settings.optimizer.lr, settings.optimizer.min_lr)
-    optimizer = build_optimizer(ddp_chunks, config, settings.optimizer, param_group_overrides=overrides)
+        group_overrides = lora_plus_overrides(settings.lora, settings.optimizer.lr, settings.optimizer.min_lr)
+    optimizer = build_optimizer(ddp_chunks, config, settings.optimizer, param_group_overrides=group_overrides)
 
     from .data_feed import build_training_data
 
