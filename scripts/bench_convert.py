@@ -44,7 +44,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def write_synthetic(path: str, layers: int, hidden: int, ffn: int, heads: int, kv_heads: int, vocab: int,
                     shard_size: int) -> dict:
     import torch
-    from safetensors.torch import save_file
     from transformers import LlamaConfig
 
     os.makedirs(path, exist_ok=True)
@@ -74,26 +73,7 @@ def write_synthetic(path: str, layers: int, hidden: int, ffn: int, heads: int, k
         yield "model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16)
         yield "lm_head.weight", rand(vocab, hidden)
 
-    shards, current, size = [], {}, 0
-    for key, t in tensors():
-        n = t.numel() * t.element_size()
-        if current and size + n > shard_size:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = t
-        size += n
-    shards.append(current)
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    sizes = [os.path.getsize(p) for p in glob.glob(os.path.join(path, "*.safetensors"))]
-    return {"total_bytes": total, "shards": len(sizes), "largest_shard": max(sizes)}
+    return _write_shards(path, tensors(), shard_size)
 
 
 def write_synthetic_deepseek_v3(path: str, spec: dict) -> dict:
