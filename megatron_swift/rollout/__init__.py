@@ -1,0 +1,1 @@
+"""Rollout engines for online RL (GRPO): generation delegated to vLLM, in-process or over HTTP."""
