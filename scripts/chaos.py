@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ITERS = 14
@@ -47,6 +48,29 @@ def start(cmd: list, log) -> subprocess.Popen:
     env = dict(os.environ, NPROC_PER_NODE="2", MASTER_PORT=str(_port()), OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def check_no_orphans(save: str, timeout: float = 10.0) -> None:
+    """torchrun's workers run in sessions of their own: killing the launcher's process group must
+    still end them (they die with torchrun, which dies with the launcher)."""
+    import psutil
+
+    deadline = time.time() + timeout
+    while True:
+        left = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if save in " ".join(p.info["cmdline"] or []) and p.status() != psutil.STATUS_ZOMBIE:
+                    left.append(p)
+            except psutil.Error:
+                continue
+        if not left or time.time() > deadline:
+            break
+        time.sleep(0.2)
+    for p in left:
+        p.kill()
+    if left:
+        raise AssertionError(f"processes of the killed run outlived it: {[p.pid for p in left]}")
 
 
 def published(save: str) -> dict:
@@ -118,6 +142,7 @@ def run(out: str, kills: int, seed: int = 0) -> dict:
                 finished = False
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+                check_no_orphans(save)
             before, tracker = check_nothing_lost(save, before, tracker)
             events.append({"kill": k + 1, "after_s": round(delay, 2), "finished_first": finished,
                            "tracker_after": tracker, "partial": sorted(e for e in os.listdir(save) if e.endswith(".tmp"))

@@ -245,6 +245,33 @@ def test_checkpoint_writer_processes_die_with_a_killed_trainer(demo, tmp_path):
     assert not alive, f"helper processes outlived the trainer: {described}"
 
 
+@pytest.mark.slow
+def test_workers_die_with_a_killed_launcher(demo, tmp_path):
+    """torchrun starts each worker in a session of its own: SIGKILLing `megatron sft` (the OOM
+    killer, `kill -9`) must still end torchrun and every worker, not leave them training into the
+    run directory or hanging in rendezvous (cli/launch.workers_die_with_launcher)."""
+    import psutil
+
+    save = tmp_path / "orphans"
+    proc = subprocess.Popen(sft_cmd(demo, save, "--train_iters", "500", "--save_interval", "1000",
+                                    "--tensor_model_parallel_size", "2"),
+                            env=worker_env(NPROC_PER_NODE=2, MASTER_PORT=free_port()), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((save / "logging.jsonl").is_file() and (save / "logging.jsonl").stat().st_size):
+        time.sleep(0.2)
+    assert (save / "logging.jsonl").is_file(), "the run did not start training"
+    family = psutil.Process(proc.pid).children(recursive=True)
+    assert sum("megatron_swift.cli.main" in " ".join(p.cmdline()) for p in family) >= 2, "expected 2 workers"
+    proc.kill()
+    proc.wait()
+    _, alive = psutil.wait_procs(family, timeout=10)
+    described = [(p.pid, " ".join(p.cmdline())[:200]) for p in alive if p.is_running()]
+    for p in alive:
+        p.kill()
+    assert not described, f"processes outlived the launcher: {described}"
+
+
 def _session_members(session: int, exclude: int = -1) -> list:
     import psutil
 

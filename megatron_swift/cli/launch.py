@@ -21,6 +21,7 @@ from megatron_swift.args.dist_env import (DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PO
 from megatron_swift.args.errors import ArgumentError
 
 EXIT_CODE_DIR_ENV = "MEGATRON_SWIFT_EXIT_CODE_DIR"
+LAUNCHER_PID_ENV = "MEGATRON_SWIFT_LAUNCHER_PID"
 
 __all__ = ["build_torchrun_command", "relaunch", "record_exit_code", "read_worker_exit_code",
            "relaunch_requested", "is_torchrun_worker", "world_size_from_env", "EXIT_CODE_DIR_ENV"]
@@ -150,6 +151,34 @@ def _forward_to_workers(proc: subprocess.Popen):
     return handler
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it ends (PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def workers_die_with_launcher(env: Mapping[str, str]) -> None:
+    """In a worker torchrun started for this launcher: die with torchrun's agent.
+
+    torchrun starts each worker in a session of its own, so killing the launcher's process group
+    (or the launcher and torchrun, e.g. by the OOM killer) would leave the workers training and
+    saving into a run nobody owns, or hanging in rendezvous. torchrun gets the same request from
+    the launcher (``relaunch``). Only for our own relaunch: a user's ``megatron sft ... &`` from a
+    script that exits must not take the job with it."""
+    if "TORCHELASTIC_RUN_ID" not in env or LAUNCHER_PID_ENV not in env or not sys.platform.startswith("linux"):
+        return
+    die_with_parent()
+    try:  # the launcher already gone before prctl ran
+        os.kill(int(env[LAUNCHER_PID_ENV]), 0)
+    except (OSError, ValueError):
+        os._exit(1)
+
+
 def relaunch(command: str, argv: List[str], env: Optional[Mapping[str, str]] = None) -> int:
     """Run ``megatron <command> <argv>`` under torchrun and return its (worker's) exit code."""
     import signal
@@ -158,7 +187,10 @@ def relaunch(command: str, argv: List[str], env: Optional[Mapping[str, str]] = N
     cmd = build_torchrun_command(command, argv, env)
     with tempfile.TemporaryDirectory(prefix="megatron-swift-rc-") as directory:
         env[EXIT_CODE_DIR_ENV] = directory
-        proc = subprocess.Popen(cmd, env=env)
+        env[LAUNCHER_PID_ENV] = str(os.getpid())
+        linux = sys.platform.startswith("linux")
+        # torchrun (and, through workers_die_with_launcher, its workers) die with this launcher
+        proc = subprocess.Popen(cmd, env=env, preexec_fn=die_with_parent if linux else None)
         previous = {}
         for name in FORWARDED_SIGNALS:
             sig = getattr(signal, name)

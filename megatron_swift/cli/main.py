@@ -16,7 +16,7 @@ from typing import List, Optional
 from megatron_swift import __version__
 from megatron_swift.args import (COMMANDS, ArgumentError, format_command_help, format_main_help, parse_args,
                                  relaunch_requested)
-from megatron_swift.cli.launch import apply_runtime_environment, record_exit_code, relaunch
+from megatron_swift.cli.launch import apply_runtime_environment, record_exit_code, relaunch, workers_die_with_launcher
 
 NOT_BUILT: tuple = ()  # commands parsed but not built (rlhf types not built are refused in args/support.py)
 
@@ -68,6 +68,7 @@ def run(argv: List[str]) -> int:
         hint = f"; did you mean {near[0]}?" if near else ""
         return _error("megatron", f"unknown command {first!r} (choose from {', '.join(COMMANDS)}){hint}")
     command = first
+    workers_die_with_launcher(os.environ)
     if "-h" in rest or "--help" in rest:
         sys.stdout.write(format_command_help(command))
         return 0

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from megatron_swift.cli.launch import die_with_parent
+
 logger = logging.getLogger(__name__)
 
 
@@ -168,13 +170,7 @@ def finish_optimizer_load(optimizer) -> int:
 
 
 def _die_with_parent() -> None:  # runs in the manager process (module level: spawn pickles it by name)
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    die_with_parent()
 
 
 _fork_state = {"installed": False, "from_main_thread": False, "parent": 0}
