@@ -119,9 +119,11 @@ def test_every_spec_name_is_an_argument(start, stop):
 def test_lora_lr_and_command_defaults(model, tmp_path):
     lora = sft(model, "--tuner_type", "lora")  # the 4.x alias of --train_type
     assert lora.train_type == "lora" and lora.lr == 1e-4 and sft(model).lr == 1e-5
-    # LoRA for rlhf is not built yet: refused instead of silently training in full
+    # LoRA for reward models is not built yet: refused instead of silently training in full
     assert "--train_type" in error_of(sft, model, "--load", make_ckpt(tmp_path / "lora"), "--train_type", "lora",
-                                      command="rlhf")
+                                      "--rlhf_type", "rm", command="rlhf")
+    assert sft(model, "--load", make_ckpt(tmp_path / "dpo_lora"), "--train_type", "lora",
+               command="rlhf").train_type == "lora"  # DPO (and KTO) with LoRA: the reference is the base
     assert "--lora_rank" in error_of(sft, model, "--lora_rank", "16")  # a LoRA option with full training
     pt = sft(model, command="pt")
     assert isinstance(pt, PtArguments)

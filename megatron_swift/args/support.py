@@ -49,8 +49,9 @@ def _lora(args, caps):
         if given:
             return f"argument --{given[0]}: applies to LoRA training (--train_type lora)"
         return None
-    if args.command == "rlhf":
-        return "argument --train_type lora: LoRA for `megatron rlhf` is not built yet; use --train_type full"
+    if args.command == "rlhf" and args.rlhf_type not in ("dpo", "kto"):
+        return (f"argument --train_type lora: LoRA for `megatron rlhf --rlhf_type {args.rlhf_type}` is not built "
+                f"yet (dpo and kto are); use --train_type full")
     if str(args.init_weights).lower() not in LORA_INITS:
         return (f"argument --init_weights {args.init_weights}: built are {', '.join(LORA_INITS)} (PiSSA, OLoRA, "
                 f"LoftQ are not)")

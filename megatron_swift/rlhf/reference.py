@@ -2,11 +2,11 @@
 stores each micro batch's per-sequence reference log-probs under ``ref_logps`` (on the last pipeline
 stage, where the loss runs) before the policy step.
 
-Today's implementation is :class:`FrozenModelReference`: a separate frozen model in the policy's
-layout (same TP/PP/VPP/EP chunks), run through megatron-core's own forward-only pipeline schedule
-with the step's micro batches, so it works with PP and VPP at fixed sequence lengths. With LoRA
-(its own issue) a ``DisabledAdapterReference`` (the policy with its adapter off, or a named reference
-adapter) implements the same ``fill_logps`` on the policy's own chunks.
+:class:`FrozenModelReference` is a separate frozen model in the policy's layout (same TP/PP/VPP/EP
+chunks); under LoRA, :class:`DisabledAdapterReference` is the policy's own chunks with the adapters
+off (the base model, no second copy of the weights). Both run megatron-core's own forward-only
+pipeline schedule with the step's micro batches, so they work with PP and VPP at fixed sequence
+lengths.
 """
 
 from __future__ import annotations
@@ -63,14 +63,41 @@ class FrozenModelReference:
         return sum(p.numel() * p.element_size() for c in self.chunks for p in c.parameters())
 
     def fill_logps(self, microbatches: list, seq_length: int, micro_batch_size: int) -> None:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
+        _forward_only_logps(self.chunks, self.vocab_size, microbatches, seq_length, micro_batch_size)
 
-        iterators = [iter(microbatches) for _ in self.chunks] if len(self.chunks) > 1 else iter(microbatches)
-        with torch.no_grad():
-            get_forward_backward_func()(
-                forward_step_func=partial(reference_forward_step, self.vocab_size), data_iterator=iterators,
-                model=self.chunks, num_microbatches=len(microbatches), seq_length=seq_length,
-                micro_batch_size=micro_batch_size, forward_only=True)
+
+class DisabledAdapterReference:
+    """LoRA: the reference is the base model, i.e. the policy with its adapters off (what ms-swift and
+    TRL use with PEFT), run in eval mode (no dropout) on the policy's own chunks."""
+
+    def __init__(self, chunks: list, vocab_size: int):
+        self.chunks = chunks
+        self.vocab_size = vocab_size
+
+    def fill_logps(self, microbatches: list, seq_length: int, micro_batch_size: int) -> None:
+        from megatron_swift.tuners.lora import adapters_disabled
+
+        modes = [chunk.training for chunk in self.chunks]
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            with adapters_disabled(self.chunks):
+                _forward_only_logps(self.chunks, self.vocab_size, microbatches, seq_length, micro_batch_size)
+        finally:
+            for chunk, mode in zip(self.chunks, modes):
+                chunk.train(mode)
+
+
+def _forward_only_logps(chunks: list, vocab_size: int, microbatches: list, seq_length: int,
+                        micro_batch_size: int) -> None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    iterators = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=partial(reference_forward_step, vocab_size), data_iterator=iterators,
+            model=chunks, num_microbatches=len(microbatches), seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True)
 
 
 def build_reference(policy_chunks: list, hf_config, overrides: dict, where: str, *, ref_model_dir=None,

@@ -36,8 +36,9 @@ def rlhf_settings(args) -> RLHFSettings:
 
 def build_objective(settings: RLHFSettings, policy_chunks: list, hf_config, overrides: dict, where: str,
                     *, policy_is_start: bool, model_dir: Optional[str], use_hf: bool = False,
-                    hub_token: Optional[str] = None, vocab_size: int):
-    """The DPO or KTO objective; its reference model unless ``--reference_free`` (DPO). RM: the
+                    hub_token: Optional[str] = None, vocab_size: int, lora: bool = False):
+    """The DPO or KTO objective; its reference model unless ``--reference_free`` (DPO): under LoRA the
+    policy with its adapters off unless ``--ref_model`` / ``--ref_load`` name another model. RM: the
     Bradley-Terry objective (the model was built with its value head; no reference)."""
     from .objective import DPOObjective, KTOObjective, RMObjective
 
@@ -45,7 +46,12 @@ def build_objective(settings: RLHFSettings, policy_chunks: list, hf_config, over
         return RMObjective(settings.center_rewards_coefficient)
 
     reference = None
-    if settings.rlhf_type == "kto" or not settings.dpo.reference_free:
+    needs_reference = settings.rlhf_type == "kto" or not settings.dpo.reference_free
+    if needs_reference and lora and not settings.ref_model and not settings.ref_load_given:
+        from .reference import DisabledAdapterReference
+
+        reference = DisabledAdapterReference(policy_chunks, vocab_size)
+    elif needs_reference:
         from .reference import build_reference
 
         ref_model_dir = None

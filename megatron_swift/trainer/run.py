@@ -220,7 +220,7 @@ def run_training(args) -> int:
         resumed_rlhf = bool(start) and read_args_json(os.path.dirname(loaded.directory)).get("command") == "rlhf"
         objective = build_objective(rlhf_settings(args), ddp_chunks, hf_config, overrides, where,
                                     policy_is_start=not resumed_rlhf, model_dir=source.model_dir, use_hf=source.use_hf,
-                                    hub_token=source.hub_token, vocab_size=gpt_settings.vocab_size)
+                                    hub_token=source.hub_token, vocab_size=gpt_settings.vocab_size, lora=lora)
 
     if reward_model and getattr(hf_config, "pad_token_id", None) is None and data.pad_token_id is not None:
         hf_config.pad_token_id = data.pad_token_id  # transformers' *ForSequenceClassification needs it

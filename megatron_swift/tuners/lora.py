@@ -31,6 +31,8 @@ generator seeded by (seed, global parameter name) and this rank takes its slice.
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 import re
 import zlib
@@ -201,6 +203,19 @@ class LoraMixin:
 
 
 _CLASSES: dict = {}
+
+
+@contextlib.contextmanager
+def adapters_disabled(chunks: list):
+    """The base model: every adapted layer returns its base output (DPO/KTO's reference under LoRA)."""
+    layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, LoraMixin)]
+    for m in layers:
+        m.lora_enabled = False
+    try:
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.lora_enabled = True
 
 
 def _lora_class(base_cls: type) -> type:
