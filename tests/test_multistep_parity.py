@@ -21,12 +21,11 @@ pytestmark = pytest.mark.slow
 COMMON = ["--iters", "6", "--global_batch", "8", "--micro_batch", "2"]
 FAMILY = {"dense": ["--family", "qwen3", "--num_layers", "4"], "moe": ["--family", "qwen3_moe"]}
 
+# TP alone, PP alone and DP with the distributed optimizer are in tests/test_parallel_parity.py
+# (one step) and in the CLI layout matrix (scripts/layout_matrix.py, every layout, docs/layouts.md)
 LAYOUTS = [
-    ("dense", "tp2", ["--tp", "2"]),
     ("dense", "tp2_sp", ["--tp", "2", "--sp"]),
-    ("dense", "pp2", ["--pp", "2"]),
     ("dense", "pp2_vpp2", ["--pp", "2", "--vpp", "2"]),
-    ("dense", "dp2_distributed_optimizer", ["--distributed_optimizer"]),
     ("moe", "ep2", ["--ep", "2"]),
 ]
 
