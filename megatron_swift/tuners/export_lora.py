@@ -50,13 +50,14 @@ def merge_adapters(chunks: list) -> int:
     this rank's A columns: exactly this rank's slice of the full delta, no communication."""
     from megatron_swift.model.builder import unwrap
 
+    from .lora import is_lora_layer
+
     merged = 0
     for chunk in chunks:
         for module in unwrap(chunk).modules():
-            if hasattr(module, "lora_A") and getattr(module, "lora_enabled", True):
-                a = module.lora_A.weight.to(torch.float32)
-                b = module.lora_B.weight.to(torch.float32)
-                delta = (b @ a) * module.lora_scaling
+            if is_lora_layer(module) and getattr(module, "lora_enabled", True):
+                a, b = module.lora_factors()  # canonical mode: the projections' factors in the fused layout
+                delta = (b.to(torch.float32) @ a.to(torch.float32)) * module.lora_scaling
                 module.weight.copy_((module.weight.to(torch.float32) + delta).to(module.weight.dtype))
                 module.lora_enabled = False
                 merged += 1
