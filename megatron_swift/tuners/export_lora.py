@@ -34,8 +34,16 @@ def _recorded(adapter_dir: str) -> dict:
 
 
 def lora_settings_of(recorded: dict):
+    """The adapters' settings: the ``lora`` record of the run (what was built, e.g. with the rank and
+    targets an ``--adapters`` PEFT config gave) or, for older checkpoints, the run's arguments."""
     from .lora import LoraSettings
 
+    built = recorded.get("lora")
+    if built:
+        return LoraSettings(rank=built["rank"], alpha=built["alpha"], dropout=0.0, bias=built["bias"],
+                            use_rslora=built["use_rslora"], init_weights="true",
+                            target_modules=tuple(built["target_modules"]), target_regex=built["target_regex"],
+                            modules_to_save=tuple(built["modules_to_save"]), canonical=tuple(built["canonical"]))
     return LoraSettings(rank=recorded["lora_rank"], alpha=recorded["lora_alpha"], dropout=0.0,
                         bias=recorded.get("lora_bias", "none"), use_rslora=recorded.get("use_rslora", False),
                         init_weights="true", target_modules=tuple(recorded.get("target_modules") or ["all-linear"]),

@@ -84,6 +84,15 @@ class LoraSettings:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def settings_record(settings: LoraSettings) -> dict:
+    """The LoRA settings the adapters were built with (after ``--adapters`` filled them in from the
+    PEFT config), kept in args.json as ``lora``: export and ``--adapter_load`` rebuild the same
+    adapters from it."""
+    return {"rank": settings.rank, "alpha": settings.alpha, "use_rslora": settings.use_rslora, "bias": settings.bias,
+            "target_modules": list(settings.target_modules), "target_regex": settings.target_regex,
+            "modules_to_save": list(settings.modules_to_save), "canonical": list(settings.canonical)}
+
+
 def is_adapter_param(name: str) -> bool:
     return ADAPTER_MARK in name
 
