@@ -167,12 +167,18 @@ def _swift_style_adapter(model_dir: str, out) -> None:
 
 
 @pytest.mark.slow
-def test_sft_from_swift_style_peft_adapter_and_export(tmp_path):
-    """`megatron sft --adapters` of a PEFT adapter with different q/k/v (gate/up) A's at TP2+SP, one
-    step at lr 1e-6; `megatron export --mcore_adapters` by one process (resharded from TP2): the PEFT
-    dir loads in PeftModel with every tensor used and equals the input adapter up to that step
-    (every A stays distinct; a q/k/v or gate/up mix-up would be off by ~1); the merged export equals
-    PEFT's merge_and_unload() of it."""
+def test_sft_from_swift_style_peft_adapter_and_export(tmp_path, megatron_world1):
+    """`megatron sft --adapters` of a PEFT adapter with different q/k/v (gate/up) A's at TP2+SP, two
+    steps at lr 1e-6; its checkpoint of step 1 (the iteration dir alone) resumes at PP2 with
+    --adapter_load only (the per-projection layers read from the checkpoint) and gives step 2's
+    loss and adapters; `megatron export --mcore_adapters` by one process (resharded from TP2): the
+    PEFT dir loads in PeftModel with every tensor used and equals the input adapter up to those
+    steps (a q/k/v or gate/up mix-up would be off by ~0.1-1); the merged export equals PEFT's
+    merge_and_unload() of it."""
+    import shutil
+
+    from test_lora import _assert_same_run
+
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -183,13 +189,20 @@ def test_sft_from_swift_style_peft_adapter_and_export(tmp_path):
     paths = prepare(str(tmp_path / "demo"))
     _swift_style_adapter(paths["model"], tmp_path / "adapter")
     given = load_peft_tensors(tmp_path)
-    save = tmp_path / "run"
-    proc = megatron("sft", "--model", paths["model"], "--dataset", paths["dataset"], "--train_type", "lora",
-                    "--adapters", tmp_path / "adapter", "--lora_dropout", "0", "--train_iters", 1, "--lr", "1e-6",
-                    "--micro_batch_size", 2, "--global_batch_size", 4, "--save", save, "--add_version", "false",
-                    "--split_dataset_ratio", 0, "--tensor_model_parallel_size", 2, "--sequence_parallel", "true",
-                    nproc=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    save, resumed = tmp_path / "run", tmp_path / "resumed"
+
+    def sft(out, *extra):
+        proc = megatron("sft", "--model", paths["model"], "--dataset", paths["dataset"], "--train_type", "lora",
+                        "--lora_dropout", "0", "--train_iters", 2, "--save_interval", 1, "--lr", "1e-6",
+                        "--micro_batch_size", 2, "--global_batch_size", 4, "--save", out, "--add_version", "false",
+                        "--split_dataset_ratio", 0, "--log_interval", 1, *extra, nproc=2)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+
+    sft(save, "--adapters", tmp_path / "adapter", "--tensor_model_parallel_size", 2, "--sequence_parallel", "true")
+    shutil.copytree(save / "iter_0000001", resumed / "iter_0000001")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("1")
+    sft(resumed, "--adapter_load", resumed, "--lora_rank", 4, "--lora_alpha", 8, "--pipeline_model_parallel_size", 2)
+    _assert_same_run(save, resumed, (2,), adapters_at="iter_0000002")
     built = json.loads((save / "args.json").read_text())["lora"]
     assert built["rank"] == 4 and built["canonical"] == ["linear_fc1", "linear_qkv"]
     for out, merge in ((tmp_path / "peft", "false"), (tmp_path / "merged", "true")):

@@ -141,11 +141,10 @@ def run_training(args) -> int:
         if settings.checkpoint.adapter_load:  # its per-projection (canonical) layers, as it was built
             from dataclasses import replace
 
-            from megatron_swift.checkpoint.layout import read_args_json
+            from megatron_swift.tuners.lora import canonical_layers_in
 
-            built = read_args_json(settings.checkpoint.adapter_load).get("lora") or {}
             settings.lora = replace(settings.lora, canonical=tuple(sorted(
-                set(settings.lora.canonical) | set(built.get("canonical", ())))))
+                set(settings.lora.canonical) | set(canonical_layers_in(settings.checkpoint.adapter_load)))))
         apply_lora_everywhere(chunks, config, settings.lora)
         if settings.checkpoint.save_safetensors:
             from megatron_swift.tuners.peft_io import check_peft_exportable

@@ -87,8 +87,13 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     from .lora import apply_lora_everywhere
     from .peft_io import adapter_to_peft, check_peft_exportable, save_peft_adapter
 
+    from dataclasses import replace
+
+    from .lora import canonical_layers_in
+
     recorded = _recorded(adapter_dir)
     settings = lora_settings_of(recorded)
+    settings = replace(settings, canonical=tuple(sorted(set(settings.canonical) | set(canonical_layers_in(adapter_dir)))))
     if not model_dir and not mcore_model:
         model_dir = recorded.get("model_dir")
         if not model_dir or not os.path.isdir(model_dir):

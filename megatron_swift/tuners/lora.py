@@ -93,6 +93,22 @@ def settings_record(settings: LoraSettings) -> dict:
             "modules_to_save": list(settings.modules_to_save), "canonical": list(settings.canonical)}
 
 
+def canonical_layers_in(checkpoint_dir: str) -> tuple:
+    """The fused layers an adapter checkpoint (``--adapter_load`` / ``--mcore_adapters``) holds
+    per-projection adapters for, read from its index: resuming or exporting it builds them so."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_swift.trainer.checkpoint import find_checkpoint
+
+    ref = find_checkpoint(checkpoint_dir)
+    if ref is None:
+        return ()
+    keys = FileSystemReader(ref.directory).read_metadata().state_dict_metadata
+    found = {m.group(1) for m in (re.search(r"\.(linear_qkv|linear_fc1)\.(\w+)\.lora_A\.weight$", k) for k in keys)
+             if m and m.group(2) in FUSED_GROUPS[m.group(1)]}
+    return tuple(sorted(found))
+
+
 def is_adapter_param(name: str) -> bool:
     return ADAPTER_MARK in name
 
