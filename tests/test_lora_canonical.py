@@ -226,3 +226,28 @@ def test_sft_from_swift_style_peft_adapter_and_export(tmp_path, megatron_world1)
     assert len(merged) >= len(reference) - 1
     for key, value in merged.items():
         torch.testing.assert_close(value, reference[key].to(value.dtype), rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_expert_canonical_adapters_keep_the_expert_reduce(megatron_world1):
+    """`gate_proj down_proj` on a MoE model: each SequentialMLP expert's fc1 gets a gate adapter only;
+    its factors carry allreduce=False (the expert-data-parallel reduce) and the merge equals the
+    forward."""
+    from megatron_swift.model import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.tuners.export_lora import merge_adapters
+    from megatron_swift.tuners.lora import LoraSettings, apply_lora
+
+    (model,), config, _ = build_model(tiny_hf_config("qwen3_moe", num_hidden_layers=2), dict(use_cpu_initialization=True))
+    apply_lora([model], config, LoraSettings(rank=4, dropout=0.0, init_weights="false",
+                                             target_modules=("gate_proj", "down_proj")))
+    expert = {n: p for n, p in model.named_parameters() if p.requires_grad and ".local_experts." in n}
+    assert expert and all(getattr(p, "allreduce", True) is False for p in expert.values())
+    assert any(".linear_fc1.gate_proj.lora_A." in n for n in expert)
+    assert not any(".up_proj." in n for n, _ in model.named_parameters())
+    tokens = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8).expand(2, -1)
+    with torch.no_grad():
+        adapted = model(tokens, positions, attention_mask=None)
+        merge_adapters([model])
+        merged = model(tokens, positions, attention_mask=None)
+    torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
