@@ -111,7 +111,7 @@ def _check_vs_peft(oracle: dict, ours: dict, what: str) -> dict:
 @pytest.mark.slow
 def test_canonical_model_parity_vs_peft(tmp_path):
     """(1) a PEFT adapter on all seven projections with PEFT's own (different) A's: logits, loss and
-    every adapter grad equal PEFT's at TP1 and TP2+SP (observed logits <= 4e-7, grads <= 1.1e-6
+    every adapter grad equal PEFT's at TP1 and TP2+SP (observed logits <= 4e-7, loss <= 8e-7, grads <= 1.3e-6
     relative), and 2 Adam steps give the same adapter at both layouts; (2) targets
     q_proj v_proj o_proj gate_proj down_proj (k and up unadapted): equal at TP2+SP; with the rows
     scattered as plain [q; k; v] blocks the logits are wrong (observed 0.78)."""
