@@ -59,8 +59,8 @@ def test_partial_targets_build_per_projection_adapters_and_merge_exactly(tiny):
     apply_lora([model], config, LoraSettings(rank=4, dropout=0.0, init_weights="false",
                                              target_modules=("q_proj", "v_proj", "gate_proj")))
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert names == {f"decoder.layers.{i}.{m}.lora_{f}.weight" for i in range(2) for f in "AB" for m in
-                     ("self_attention.linear_qkv.q_proj", "self_attention.linear_qkv.v_proj", "mlp.linear_fc1.gate_proj")}
+    parts = ("self_attention.linear_qkv.q_proj", "self_attention.linear_qkv.v_proj", "mlp.linear_fc1.gate_proj")
+    assert names == {f"decoder.layers.{i}.{m}.lora_{f}.weight" for i in range(2) for f in "AB" for m in parts}
     qkv = model.decoder.layers[0].self_attention.linear_qkv
     assert tuple(qkv.q_proj.lora_B.weight.shape) == (config.num_attention_heads * config.kv_channels, 4)
     _, b = qkv.lora_factors()
@@ -210,7 +210,8 @@ def test_sft_from_swift_style_peft_adapter_and_export(tmp_path, megatron_world1)
         proc = megatron("export", "--mcore_adapters", save, "--to_hf", "true", "--merge_lora", merge,
                         "--output_dir", out)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    exported = {k[len("base_model.model."):]: v for k, v in load_file(tmp_path / "peft" / "adapter_model.safetensors").items()}
+    exported = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    exported = {k[len("base_model.model."):]: v for k, v in exported.items()}
     assert sorted(exported) == sorted(given) and len(given) == 4 * 7 * 2
     moved = 0.0
     for key, value in given.items():
@@ -238,7 +239,8 @@ def test_expert_canonical_adapters_keep_the_expert_reduce(megatron_world1):
     from megatron_swift.tuners.export_lora import merge_adapters
     from megatron_swift.tuners.lora import LoraSettings, apply_lora
 
-    (model,), config, _ = build_model(tiny_hf_config("qwen3_moe", num_hidden_layers=2), dict(use_cpu_initialization=True))
+    hf = tiny_hf_config("qwen3_moe", num_hidden_layers=2)
+    (model,), config, _ = build_model(hf, dict(use_cpu_initialization=True))
     apply_lora([model], config, LoraSettings(rank=4, dropout=0.0, init_weights="false",
                                              target_modules=("gate_proj", "down_proj")))
     expert = {n: p for n, p in model.named_parameters() if p.requires_grad and ".local_experts." in n}

@@ -93,7 +93,8 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
 
     recorded = _recorded(adapter_dir)
     settings = lora_settings_of(recorded)
-    settings = replace(settings, canonical=tuple(sorted(set(settings.canonical) | set(canonical_layers_in(adapter_dir)))))
+    canonical = set(settings.canonical) | set(canonical_layers_in(adapter_dir))
+    settings = replace(settings, canonical=tuple(sorted(canonical)))
     if not model_dir and not mcore_model:
         model_dir = recorded.get("model_dir")
         if not model_dir or not os.path.isdir(model_dir):

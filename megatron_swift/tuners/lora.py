@@ -86,8 +86,8 @@ class LoraSettings:
 
 def settings_record(settings: LoraSettings) -> dict:
     """The LoRA settings the adapters were built with (after ``--adapters`` filled them in from the
-    PEFT config), kept in args.json as ``lora``: export and ``--adapter_load`` rebuild the same
-    adapters from it."""
+    PEFT config), kept in args.json as ``lora``: export rebuilds the same adapters from it (the
+    canonical layers are also read from the checkpoint's index, ``canonical_layers_in``)."""
     return {"rank": settings.rank, "alpha": settings.alpha, "use_rslora": settings.use_rslora, "bias": settings.bias,
             "target_modules": list(settings.target_modules), "target_regex": settings.target_regex,
             "modules_to_save": list(settings.modules_to_save), "canonical": list(settings.canonical)}
@@ -354,9 +354,7 @@ def add_lora(module, settings: LoraSettings, global_name: str, gated: bool = Fal
         members, rule, geo = layout
         from megatron_swift.converters.transforms import hf_shapes
 
-        rows = [shape[0] for shape in hf_shapes(rule, (out_global, r), type(geo)(
-            num_heads=geo.num_heads * tp_size, num_groups=geo.num_groups * tp_size, head_dim=geo.head_dim,
-            vocab_size=0, padded_vocab_size=0))]
+        rows = [shape[0] * tp_size for shape in hf_shapes(rule, (out_global // tp_size, r), geo)]  # global
         for member, rows_global in zip(members, rows):
             if member not in canonical:
                 continue
