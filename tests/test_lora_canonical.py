@@ -172,10 +172,10 @@ def test_sft_from_swift_style_peft_adapter_and_export(tmp_path, megatron_world1)
     """`megatron sft --adapters` of a PEFT adapter with different q/k/v (gate/up) A's at TP2+SP, two
     steps at lr 1e-6; its checkpoint of step 1 (the iteration dir alone) resumes at PP2 with
     --adapter_load only (the per-projection layers read from the checkpoint) and gives step 2's
-    loss and adapters; `megatron export --mcore_adapters` by one process (resharded from TP2): the
-    PEFT dir loads in PeftModel with every tensor used and equals the input adapter up to those
-    steps (a q/k/v or gate/up mix-up would be off by ~0.1-1); the merged export equals PEFT's
-    merge_and_unload() of it."""
+    loss and adapters; `megatron export --mcore_adapters` by one process (resharded from TP2) equals
+    the --save_safetensors PEFT copy written during the TP2 run (bit-identical); the PEFT dir loads
+    in PeftModel with every tensor used and equals the input adapter up to those steps (a q/k/v or
+    gate/up mix-up would be off by ~0.1-1); the merged export equals PEFT's merge_and_unload()."""
     import shutil
 
     from test_lora import _assert_same_run
@@ -199,7 +199,8 @@ def test_sft_from_swift_style_peft_adapter_and_export(tmp_path, megatron_world1)
                         "--split_dataset_ratio", 0, "--log_interval", 1, *extra, nproc=2)
         assert proc.returncode == 0, proc.stderr[-4000:]
 
-    sft(save, "--adapters", tmp_path / "adapter", "--tensor_model_parallel_size", 2, "--sequence_parallel", "true")
+    sft(save, "--adapters", tmp_path / "adapter", "--tensor_model_parallel_size", 2, "--sequence_parallel", "true",
+        "--save_safetensors", "true")
     shutil.copytree(save / "iter_0000001", resumed / "iter_0000001")
     (resumed / "latest_checkpointed_iteration.txt").write_text("1")
     sft(resumed, "--adapter_load", resumed, "--lora_rank", 4, "--lora_alpha", 8, "--pipeline_model_parallel_size", 2)
@@ -213,6 +214,8 @@ def test_sft_from_swift_style_peft_adapter_and_export(tmp_path, megatron_world1)
     exported = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     exported = {k[len("base_model.model."):]: v for k, v in exported.items()}
     assert sorted(exported) == sorted(given) and len(given) == 4 * 7 * 2
+    during = load_file(save / "iter_0000002" / "peft" / "adapter_model.safetensors")  # --save_safetensors copy
+    assert all(torch.equal(during["base_model.model." + k], v) for k, v in exported.items())
     moved = 0.0
     for key, value in given.items():
         torch.testing.assert_close(exported[key], value, rtol=0, atol=1e-5, msg=key)
