@@ -94,6 +94,10 @@ def test_peft_adapter_with_different_a_selects_canonical(tmp_path):
                    for p, t in (("q_proj", a), ("k_proj", k_a), ("v_proj", a))}
         save_file(tensors, str(d / "adapter_model.safetensors"))
         assert settings_from_peft(LoraSettings(), str(d)).canonical == expected, name
+    config = json.loads((d / "adapter_config.json").read_text())
+    (d / "adapter_config.json").write_text(json.dumps(dict(config, target_parameters=["mlp.experts.down_proj"])))
+    with pytest.raises(ValueError, match="target_parameters"):  # PEFT's 3-D expert adapters: refused by name
+        settings_from_peft(LoraSettings(), str(d))
 
 
 # --------------------------------------------------------------------------- model level vs PEFT (slow)

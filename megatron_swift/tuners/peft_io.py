@@ -53,6 +53,9 @@ def settings_from_peft(settings: LoraSettings, adapter_dir: str) -> LoraSettings
                          f"adapter is not built")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"argument --adapters {adapter_dir}: per-module rank_pattern/alpha_pattern is not built")
+    if cfg.get("target_parameters"):
+        raise ValueError(f"argument --adapters {adapter_dir}: target_parameters {cfg['target_parameters']} (PEFT's "
+                         f"adapters on fused 3-D expert tensors) are not built; only per-module LoRA is read")
     targets = cfg.get("target_modules") or ["all-linear"]
     if isinstance(targets, str):
         raise ValueError(f"argument --adapters {adapter_dir}: a regex target_modules {targets!r} is not built")
@@ -110,15 +113,17 @@ def _adapted_layers(chunks: list, family):
 
 
 def check_peft_exportable(chunks: list, what: str) -> None:
-    """Routed experts: transformers keeps them as fused 3-D tensors that PEFT cannot target, so a
-    per-expert PEFT adapter would not load; say so before anything is written."""
+    """Routed experts: transformers keeps them as fused 3-D tensors, which PEFT adapts only through
+    ``target_parameters`` (a layout not written here), so a per-expert PEFT adapter would not load;
+    say so before anything is written."""
     from megatron_swift.model.builder import unwrap
 
     for chunk in chunks:
         for name, module in unwrap(chunk).named_modules():
             if is_lora_layer(module) and ".experts." in name:
-                raise ValueError(f"{what}: the adapter has LoRA on routed experts ({name}), which a PEFT adapter "
-                                 f"cannot express for transformers' fused expert tensors; export a merged model "
+                raise ValueError(f"{what}: the adapter has LoRA on routed experts ({name}); transformers keeps them as "
+                                 f"fused 3-D tensors, whose PEFT layout (target_parameters) is not written; export "
+                                 f"a merged model "
                                  f"(`megatron export --mcore_adapters ... --merge_lora true`) or target only "
                                  f"attention (--target_modules linear_qkv linear_proj)")
 
