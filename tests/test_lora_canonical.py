@@ -261,3 +261,11 @@ def test_expert_canonical_adapters_keep_the_expert_reduce(megatron_world1):
         merge_adapters([model])
         merged = model(tokens, positions, attention_mask=None)
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
+
+
+def test_partial_targets_pass_argument_validation(tmp_path):
+    """`--target_modules q_proj v_proj` (refused before canonical mode existed) reaches the workers."""
+    from test_lora import _sft_args
+
+    args = _sft_args(tmp_path, "--train_type", "lora", "--target_modules", "q_proj", "v_proj")
+    assert list(args.target_modules) == ["q_proj", "v_proj"]
