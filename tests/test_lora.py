@@ -252,7 +252,6 @@ def tiny_chunks(megatron_world1):
 
 
 @pytest.mark.parametrize("settings, named", [
-    (dict(target_modules=("q_proj", "v_proj")), "--target_modules q_proj v_proj"),  # partial fused: canonical mode
     (dict(target_modules=("nothing",)), "--target_modules nothing"),
     (dict(target_regex=r"no\.such\.layer"), "--target_regex"),
     (dict(rank=0), "--lora_rank"),

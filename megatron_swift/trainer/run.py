@@ -138,6 +138,13 @@ def run_training(args) -> int:
             from megatron_swift.tuners.peft_io import settings_from_peft
 
             settings.lora = settings_from_peft(settings.lora, settings.lora.peft_adapter)
+        if settings.checkpoint.adapter_load:  # its per-projection (canonical) layers, as it was built
+            from dataclasses import replace
+
+            from megatron_swift.tuners.lora import canonical_layers_in
+
+            settings.lora = replace(settings.lora, canonical=tuple(sorted(
+                set(settings.lora.canonical) | set(canonical_layers_in(settings.checkpoint.adapter_load)))))
         apply_lora_everywhere(chunks, config, settings.lora)
         if settings.checkpoint.save_safetensors:
             from megatron_swift.tuners.peft_io import check_peft_exportable
@@ -227,8 +234,13 @@ def run_training(args) -> int:
     save_dir = save_dir_of(settings)
     if ckpt.overwrite and not resume:
         _clear_previous_run(save_dir)
-    write_args_json_once(args, save_dir, extra={"model_type": hf_config.model_type, "template": data.template_name,
-                                               "hf_config": hf_config.to_dict(), "model_dir": source.model_dir})
+    extra = {"model_type": hf_config.model_type, "template": data.template_name, "hf_config": hf_config.to_dict(),
+             "model_dir": source.model_dir}
+    if lora:
+        from megatron_swift.tuners.lora import settings_record
+
+        extra["lora"] = settings_record(settings.lora)
+    write_args_json_once(args, save_dir, extra=extra)
     loop = LoopSettings(
         train_iters=schedule_iters, stop_iteration=stop_iters, micro_batch_size=data.rows_per_micro_batch,
         seq_length=data.seq_length, save_dir=save_dir, checkpoint=ckpt, logging=settings.logging,

@@ -34,8 +34,16 @@ def _recorded(adapter_dir: str) -> dict:
 
 
 def lora_settings_of(recorded: dict):
+    """The adapters' settings: the ``lora`` record of the run (what was built, e.g. with the rank and
+    targets an ``--adapters`` PEFT config gave) or, for older checkpoints, the run's arguments."""
     from .lora import LoraSettings
 
+    built = recorded.get("lora")
+    if built:
+        return LoraSettings(rank=built["rank"], alpha=built["alpha"], dropout=0.0, bias=built["bias"],
+                            use_rslora=built["use_rslora"], init_weights="true",
+                            target_modules=tuple(built["target_modules"]), target_regex=built["target_regex"],
+                            modules_to_save=tuple(built["modules_to_save"]), canonical=tuple(built["canonical"]))
     return LoraSettings(rank=recorded["lora_rank"], alpha=recorded["lora_alpha"], dropout=0.0,
                         bias=recorded.get("lora_bias", "none"), use_rslora=recorded.get("use_rslora", False),
                         init_weights="true", target_modules=tuple(recorded.get("target_modules") or ["all-linear"]),
@@ -50,13 +58,14 @@ def merge_adapters(chunks: list) -> int:
     this rank's A columns: exactly this rank's slice of the full delta, no communication."""
     from megatron_swift.model.builder import unwrap
 
+    from .lora import is_lora_layer
+
     merged = 0
     for chunk in chunks:
         for module in unwrap(chunk).modules():
-            if hasattr(module, "lora_A") and getattr(module, "lora_enabled", True):
-                a = module.lora_A.weight.to(torch.float32)
-                b = module.lora_B.weight.to(torch.float32)
-                delta = (b @ a) * module.lora_scaling
+            if is_lora_layer(module) and getattr(module, "lora_enabled", True):
+                a, b = module.lora_factors()  # canonical mode: the projections' factors in the fused layout
+                delta = (b.to(torch.float32) @ a.to(torch.float32)) * module.lora_scaling
                 module.weight.copy_((module.weight.to(torch.float32) + delta).to(module.weight.dtype))
                 module.lora_enabled = False
                 merged += 1
@@ -78,8 +87,14 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     from .lora import apply_lora_everywhere
     from .peft_io import adapter_to_peft, check_peft_exportable, save_peft_adapter
 
+    from dataclasses import replace
+
+    from .lora import canonical_layers_in
+
     recorded = _recorded(adapter_dir)
     settings = lora_settings_of(recorded)
+    canonical = set(settings.canonical) | set(canonical_layers_in(adapter_dir))
+    settings = replace(settings, canonical=tuple(sorted(canonical)))
     if not model_dir and not mcore_model:
         model_dir = recorded.get("model_dir")
         if not model_dir or not os.path.isdir(model_dir):

@@ -27,6 +27,17 @@ factory for fc1), so adapter checkpoints reshard across TP like the base weights
 
 Initialisation does not depend on the layout: each factor's GLOBAL tensor is drawn from a
 generator seeded by (seed, global parameter name) and this rank takes its slice.
+
+Fused and canonical mode. megatron fuses q/k/v into ``linear_qkv`` and gate/up into ``linear_fc1``.
+Fused mode puts one A/B on the fused layer (one A shared by its HF projections; what ms-swift
+does). Canonical mode gives each targeted HF projection its own adapter,
+``linear_qkv.q_proj.lora_A.weight`` / ``lora_B.weight`` (A ``[r, in]`` replicated, B this rank's
+rows of that projection), which is PEFT's model exactly. It is chosen per fused layer when the
+targets name only some of its projections (``q_proj v_proj``) or a loaded adapter has different
+A's for them (``LoraSettings.canonical``). Its forward is the fused one with
+``A = [A_q; A_v]`` (rank 2r) and a B whose rows are the projections' B's scattered into the
+fused layer's row layout by the converter's own QKV / GATE_UP transform (zero columns where a
+projection has no adapter), so communication, SP, experts and the merge are shared with fused mode.
 """
 
 from __future__ import annotations
@@ -66,42 +77,69 @@ class LoraSettings:
     seed: int = 42
     lorap_lr_ratio: Optional[float] = None
     peft_adapter: Optional[str] = None  # --adapters: a PEFT adapter dir to start from (settings from its config)
+    # fused layers (linear_qkv / linear_fc1) that get one adapter per HF projection even where all
+    # of them are targeted: set from a loaded adapter whose projections have different A's
+    canonical: tuple = ()
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
+def settings_record(settings: LoraSettings) -> dict:
+    """The LoRA settings the adapters were built with (after ``--adapters`` filled them in from the
+    PEFT config), kept in args.json as ``lora``: export rebuilds the same adapters from it (the
+    canonical layers are also read from the checkpoint's index, ``canonical_layers_in``)."""
+    return {"rank": settings.rank, "alpha": settings.alpha, "use_rslora": settings.use_rslora, "bias": settings.bias,
+            "target_modules": list(settings.target_modules), "target_regex": settings.target_regex,
+            "modules_to_save": list(settings.modules_to_save), "canonical": list(settings.canonical)}
+
+
+def canonical_layers_in(checkpoint_dir: str) -> tuple:
+    """The fused layers an adapter checkpoint (``--adapter_load`` / ``--mcore_adapters``) holds
+    per-projection adapters for, read from its index: resuming or exporting it builds them so."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from megatron_swift.trainer.checkpoint import find_checkpoint
+
+    ref = find_checkpoint(checkpoint_dir)
+    if ref is None:
+        return ()
+    keys = FileSystemReader(ref.directory).read_metadata().state_dict_metadata
+    found = {m.group(1) for m in (re.search(r"\.(linear_qkv|linear_fc1)\.(\w+)\.lora_A\.weight$", k) for k in keys)
+             if m and m.group(2) in FUSED_GROUPS[m.group(1)]}
+    return tuple(sorted(found))
+
+
 def is_adapter_param(name: str) -> bool:
     return ADAPTER_MARK in name
 
 
-def mcore_targets(target_modules) -> set:
-    """User targets -> the mcore layer names they adapt (``all-linear``: every linear of the layers).
-    HF projections fused into one mcore layer must be targeted together (an adapter on the fused
-    layer adapts all of them)."""
+def mcore_targets(target_modules) -> dict:
+    """User targets -> {mcore layer name: the HF projections of it that are targeted}, ``None``
+    for the whole layer (``all-linear``, an mcore name, or every projection a layer fuses). A fused
+    layer with only some of its projections targeted (``q_proj v_proj``) gets canonical adapters."""
     names = set(target_modules)
     refused = names & {"all-embedding", "all-router"}
     if refused:
         raise ValueError(f"argument --target_modules {sorted(refused)[0]}: LoRA on embeddings / routers is not "
                          f"built; use modules_to_save word_embeddings to train the embedding fully")
-    out = set()
+    out: dict = {}
     for name in names:
         if name == "all-linear":
-            out.update(MCORE_LINEARS)
+            out.update(dict.fromkeys(MCORE_LINEARS))
         elif name in MCORE_LINEARS:
-            out.add(name)
-        elif name in HF_TO_MCORE:
-            out.add(HF_TO_MCORE[name])
-        else:
+            out[name] = None
+        elif name not in HF_TO_MCORE:
             raise ValueError(f"argument --target_modules {name}: not a LoRA target (all-linear, "
                              f"{', '.join(MCORE_LINEARS)} or {', '.join(HF_TO_MCORE)})")
     for fused, parts in FUSED_GROUPS.items():
-        given = [p for p in parts if p in names]
-        if given and len(given) != len(parts):
-            raise ValueError(f"argument --target_modules {' '.join(given)}: {fused} fuses {'/'.join(parts)} and "
-                             f"one adapter on it adapts all of them; target all of {' '.join(parts)} (separate "
-                             f"per-projection adapters, the 'canonical' mode, are not built)")
+        given = tuple(p for p in parts if p in names)
+        if given and fused not in out:
+            out[fused] = None if len(given) == len(parts) else given
+    for hf, mcore in HF_TO_MCORE.items():
+        if hf in names and mcore not in FUSED_GROUPS:
+            out.setdefault(mcore, None)
     return out
 
 
@@ -136,6 +174,46 @@ def _global_b_rows(b_global: torch.Tensor, tp_rank: int, tp_size: int, gated: bo
     return torch.cat([gate.chunk(tp_size, 0)[tp_rank], up.chunk(tp_size, 0)[tp_rank]], dim=0)
 
 
+def _fused_layout(leaf: str, gated: bool, config, tp_size: int):
+    """(HF projections, the converter's transform rule, this rank's Geometry) of a fused layer
+    (megatron's row layout: QKV per query group, SwiGLU fc1 [gate; up]); None for other layers."""
+    from megatron_swift.converters.mapping import Rule, src
+    from megatron_swift.converters.transforms import GATE_UP, QKV, Geometry
+
+    if leaf == "linear_qkv":
+        transform = QKV
+    elif leaf == "linear_fc1" and gated:
+        transform = GATE_UP
+    else:
+        return None
+    members = FUSED_GROUPS[leaf]
+    rule = Rule(leaf, tuple(src(m) for m in members), transform, tp_dim=0)
+    groups = config.num_query_groups or config.num_attention_heads
+    geo = Geometry(num_heads=config.num_attention_heads // tp_size, num_groups=groups // tp_size,
+                   head_dim=config.kv_channels, vocab_size=0, padded_vocab_size=0)
+    return members, rule, geo
+
+
+def scatter_rows(rule, blocks: list, shape: tuple, geo) -> torch.Tensor:
+    """The per-projection row blocks of this rank (``blocks[i]``: projection i's local rows) laid
+    out as the fused layer's local rows: the converter's transform at "TP 1" with this rank's
+    geometry (a module function, so a test can break it and see the model test fail)."""
+    return rule.transform.to_local(rule, lambda i, index: blocks[i][index], shape, 0, 1, geo)
+
+
+class _Part(torch.nn.Module):
+    """One HF projection's adapter inside a fused layer (canonical mode)."""
+
+    def __init__(self, a_shape, b_shape, dtype, device):
+        super().__init__()
+        self.lora_A = _Factor(a_shape, dtype, device)
+        self.lora_B = _Factor(b_shape, dtype, device)
+
+
+def is_lora_layer(module) -> bool:
+    return isinstance(module, LoraMixin)
+
+
 class LoraMixin:
     """Mixed into the class of a megatron ColumnParallelLinear / RowParallelLinear instance
     (``add_lora``), so the module keeps its name, parameters, checkpoint keys and forward; the
@@ -156,10 +234,34 @@ class LoraMixin:
             return output, bias
         return output + self.lora_delta(input_).to(output.dtype), bias
 
+    def lora_parts(self) -> dict:
+        """{HF projection: its ``_Part``} (canonical mode); empty in fused mode."""
+        return {m: getattr(self, m) for m in self.lora_members if m in self.lora_targeted} \
+            if self.lora_targeted else {}
+
+    def lora_factors(self) -> tuple:
+        """(A ``[r', in]``, B ``[out_local, r']``) of this rank: the adapter's delta is
+        ``x A^T B^T * scaling``. Fused mode: the factors. Canonical mode: the projections' A's
+        stacked and their B's as a block matrix in the fused row layout."""
+        if not self.lora_targeted:
+            return self.lora_A.weight, self.lora_B.weight
+        parts = list(self.lora_parts().values())
+        a = torch.cat([p.lora_A.weight for p in parts], dim=0)
+        r, k = parts[0].lora_A.weight.shape[0], len(parts)
+        blocks, j = [], 0
+        for member, rows in zip(self.lora_members, self.lora_member_rows):
+            if member in self.lora_targeted:
+                blocks.append(F.pad(getattr(self, member).lora_B.weight, (j * r, (k - j - 1) * r)))
+                j += 1
+            else:
+                blocks.append(a.new_zeros(rows, k * r))
+        b = scatter_rows(self.lora_rule, blocks, (sum(self.lora_member_rows), k * r), self.lora_geo)
+        return a, b
+
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
         from megatron.core.tensor_parallel import mappings
 
-        a, b = self.lora_A.weight, self.lora_B.weight
+        a, b = self.lora_factors()
         x = x.to(a.dtype)
         _, tp_size = self._lora_tp()
         if self.lora_dropout > 0 and self.training:
@@ -190,6 +292,13 @@ class LoraMixin:
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
         out = super().sharded_state_dict(prefix, sharded_offsets, metadata)  # A/B there as replicated
+        for member, part in self.lora_parts().items():  # canonical: B = this rank's rows of the projection
+            key = f"{prefix}{member}.lora_B.weight"
+            out[key] = make_tp_sharded_tensor_for_checkpoint(
+                part.lora_B.weight, key, tp_axis=0, prepend_offsets=sharded_offsets, tp_group=self.tp_group,
+                dp_cp_group=(metadata or {}).get("dp_cp_group"))
+        if self.lora_targeted:
+            return out
         key = f"{prefix}lora_B.weight" if self.lora_column else f"{prefix}lora_A.weight"
         factor = self.lora_B.weight if self.lora_column else self.lora_A.weight
         sharded = make_tp_sharded_tensor_for_checkpoint(
@@ -224,8 +333,11 @@ def _lora_class(base_cls: type) -> type:
     return _CLASSES[base_cls]
 
 
-def add_lora(module, settings: LoraSettings, global_name: str, gated: bool = False) -> None:
-    """Turns a megatron Column/RowParallelLinear into its LoRA version in place."""
+def add_lora(module, settings: LoraSettings, global_name: str, gated: bool = False, config=None,
+             canonical: Optional[tuple] = None) -> None:
+    """Turns a megatron Column/RowParallelLinear into its LoRA version in place. ``canonical``: the
+    HF projections of a fused layer (``linear_qkv`` / gated ``linear_fc1``; needs ``config``) that
+    get their own adapters; None: one adapter on the layer (fused mode)."""
     from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                       set_tensor_model_parallel_attributes)
 
@@ -250,30 +362,57 @@ def add_lora(module, settings: LoraSettings, global_name: str, gated: bool = Fal
     dtype = settings.dtype or weight.dtype
     in_global = module.input_size
     out_global = module.output_size
-    a_global = _init_global("A", (r, in_global), settings, f"{global_name}.lora_A.weight")
-    b_global = _init_global("B", (out_global, r), settings, f"{global_name}.lora_B.weight")
-    if column:
-        a_local = a_global
-        b_local = _global_b_rows(b_global, tp_rank, tp_size, gated)
-    else:
-        a_local = a_global.chunk(tp_size, dim=1)[tp_rank]
-        b_local = b_global
     meta = weight.device.type == "meta"
-    module.lora_A = _Factor(tuple(a_local.shape), dtype, weight.device)
-    module.lora_B = _Factor(tuple(b_local.shape), dtype, weight.device)
-    if not meta:
-        with torch.no_grad():
-            module.lora_A.weight.copy_(a_local)
-            module.lora_B.weight.copy_(b_local)
-    split, replicated = (module.lora_B.weight, module.lora_A.weight) if column else \
-        (module.lora_A.weight, module.lora_B.weight)
-    set_tensor_model_parallel_attributes(split, True, 0 if column else 1, 1)
-    set_tensor_model_parallel_attributes(replicated, False, -1, 1)
-    if module.sequence_parallel:
-        replicated.sequence_parallel = True  # sees a sequence shard: megatron sums its grad over TP
-    if module.is_expert:
-        for p in (split, replicated):
-            p.allreduce = False  # expert-data-parallel reduce, as the expert's own weights
+    layout = _fused_layout(global_name.rsplit(".", 1)[-1], gated, config, tp_size) if canonical else None
+    factors = []  # (split, replicated) parameters
+    if layout is not None:  # canonical: one adapter per targeted projection
+        members, rule, geo = layout
+        from megatron_swift.converters.transforms import hf_shapes
+
+        rows = [shape[0] * tp_size for shape in hf_shapes(rule, (out_global // tp_size, r), geo)]  # global
+        for member, rows_global in zip(members, rows):
+            if member not in canonical:
+                continue
+            name = f"{global_name}.{member}"
+            a_global = _init_global("A", (r, in_global), settings, f"{name}.lora_A.weight")
+            b_global = _init_global("B", (rows_global, r), settings, f"{name}.lora_B.weight")
+            b_local = b_global.chunk(tp_size, dim=0)[tp_rank]  # QKV and GATE_UP split each projection evenly
+            part = _Part(tuple(a_global.shape), tuple(b_local.shape), dtype, weight.device)
+            if not meta:
+                with torch.no_grad():
+                    part.lora_A.weight.copy_(a_global)
+                    part.lora_B.weight.copy_(b_local)
+            setattr(module, member, part)
+            factors.append((part.lora_B.weight, part.lora_A.weight))
+        module.lora_members, module.lora_targeted = members, tuple(m for m in members if m in canonical)
+        module.lora_member_rows = [n // tp_size for n in rows]
+        module.lora_rule, module.lora_geo = rule, geo
+    else:
+        a_global = _init_global("A", (r, in_global), settings, f"{global_name}.lora_A.weight")
+        b_global = _init_global("B", (out_global, r), settings, f"{global_name}.lora_B.weight")
+        if column:
+            a_local = a_global
+            b_local = _global_b_rows(b_global, tp_rank, tp_size, gated)
+        else:
+            a_local = a_global.chunk(tp_size, dim=1)[tp_rank]
+            b_local = b_global
+        module.lora_A = _Factor(tuple(a_local.shape), dtype, weight.device)
+        module.lora_B = _Factor(tuple(b_local.shape), dtype, weight.device)
+        if not meta:
+            with torch.no_grad():
+                module.lora_A.weight.copy_(a_local)
+                module.lora_B.weight.copy_(b_local)
+        factors.append((module.lora_B.weight, module.lora_A.weight) if column else
+                       (module.lora_A.weight, module.lora_B.weight))
+        module.lora_members, module.lora_targeted = (), ()
+    for split, replicated in factors:
+        set_tensor_model_parallel_attributes(split, True, 0 if column else 1, 1)
+        set_tensor_model_parallel_attributes(replicated, False, -1, 1)
+        if module.sequence_parallel:
+            replicated.sequence_parallel = True  # sees a sequence shard: megatron sums its grad over TP
+        if module.is_expert:
+            for p in (split, replicated):
+                p.allreduce = False  # expert-data-parallel reduce, as the expert's own weights
     module.__class__ = _lora_class(type(module))
     module.lora_column, module.lora_gated = column, gated
     module.lora_scaling, module.lora_dropout = settings.scaling, settings.dropout
@@ -326,6 +465,9 @@ def apply_lora(chunks: list, config, settings: LoraSettings) -> dict:
                          f"them as modules_to_save")
     regex = re.compile(settings.target_regex) if settings.target_regex else None
     targets = None if regex else mcore_targets(settings.target_modules)
+    unknown = set(settings.canonical) - set(FUSED_GROUPS)
+    if unknown:
+        raise ValueError(f"canonical LoRA on {sorted(unknown)}: only {', '.join(FUSED_GROUPS)} fuse projections")
     adapted = 0
     for chunk in chunks:
         model = unwrap(chunk)
@@ -336,7 +478,13 @@ def apply_lora(chunks: list, config, settings: LoraSettings) -> dict:
             hit = bool(regex.fullmatch(name)) if regex else leaf in targets
             if hit:
                 gated = leaf == "linear_fc1" and config.gated_linear_unit
-                add_lora(module, settings, name, gated=gated)
+                fused = _fused_layout(leaf, gated, config, 1)
+                members = None if regex else targets[leaf]
+                if members is None and leaf in settings.canonical:
+                    members = FUSED_GROUPS[leaf]  # e.g. a PEFT adapter with different q/k/v A's
+                if members is not None and fused is None:
+                    members = None  # not a fused layer (an MLP without a gate): one adapter is exact
+                add_lora(module, settings, name, gated=gated, config=config, canonical=members)
                 adapted += 1
     trainable = frozen = 0
     for chunk in chunks:

@@ -1,17 +1,20 @@
-"""PEFT LoRA adapters <-> our mcore adapters (fused mode).
+"""PEFT LoRA adapters <-> our mcore adapters (fused and canonical mode).
 
 HF names come from the converter's family mapping: the rule of an adapted layer's base weight
 (``linear_qkv.weight`` <- q/k/v_proj, QKV transform; ``linear_fc1.weight`` <- gate/up_proj,
 GATE_UP; ``linear_proj``/``linear_fc2`` COPY split on dim 1) says which HF projections the layer
 fuses and how its rows are laid out, and B follows the base weight's row layout exactly:
 
-* column-parallel layer: B (``[out, r]``) = the base rule applied to PEFT's per-projection B's;
-  A is shared, so PEFT's A's of the fused projections must be equal (a ``swift sft`` adapter
-  with independent q/k/v A's needs the canonical mode, which is not built: a clear error).
+* column-parallel layer, fused mode: B (``[out, r]``) = the base rule applied to PEFT's
+  per-projection B's; A is shared, so PEFT's A's of the fused projections must be equal (an
+  adapter with different A's, e.g. trained by ``swift sft``, makes ``settings_from_peft`` choose
+  the canonical mode for that layer).
+* column-parallel layer, canonical mode: each projection's A as it is, its B's rows split evenly
+  over TP (QKV and GATE_UP split every projection into contiguous per-rank row blocks).
 * row-parallel layer: A (``[r, in]``) is split like the base weight's columns, B is replicated.
 
 Export is the inverse: B rows split back to the projections, A repeated for each of them
-(B_q A + B_k A + B_v A is the fused delta exactly).
+(B_q A + B_k A + B_v A is the fused delta exactly); canonical: each projection's own factors.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .lora import LoraSettings, mcore_targets
+from .lora import FUSED_GROUPS, LoraSettings, is_lora_layer, mcore_targets
 
 PEFT_PREFIX = "base_model.model."
 
@@ -40,7 +43,7 @@ def _adapter_files(adapter_dir: str) -> tuple[dict, str]:
 
 def settings_from_peft(settings: LoraSettings, adapter_dir: str) -> LoraSettings:
     """The adapter's own rank / alpha / rslora / bias / targets (as ms-swift does with --adapters)."""
-    cfg, _ = _adapter_files(adapter_dir)
+    cfg, weights = _adapter_files(adapter_dir)
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"argument --adapters {adapter_dir}: a {cfg.get('peft_type')} adapter; only LoRA is built")
     if cfg.get("use_dora"):
@@ -50,14 +53,37 @@ def settings_from_peft(settings: LoraSettings, adapter_dir: str) -> LoraSettings
                          f"adapter is not built")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise ValueError(f"argument --adapters {adapter_dir}: per-module rank_pattern/alpha_pattern is not built")
+    if cfg.get("target_parameters"):
+        raise ValueError(f"argument --adapters {adapter_dir}: target_parameters {cfg['target_parameters']} (PEFT's "
+                         f"adapters on fused 3-D expert tensors) are not built; only per-module LoRA is read")
     targets = cfg.get("target_modules") or ["all-linear"]
     if isinstance(targets, str):
         raise ValueError(f"argument --adapters {adapter_dir}: a regex target_modules {targets!r} is not built")
     targets = tuple(sorted(set(targets) - {"lm_head"}))
-    mcore_targets(targets)  # partial fused targets: a clear error
+    mcore_targets(targets)  # unknown targets: a clear error
     return replace(settings, rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
                    use_rslora=bool(cfg.get("use_rslora", False)), bias=cfg.get("bias", "none") or "none",
-                   target_modules=targets, target_regex=None)
+                   target_modules=targets, target_regex=None,
+                   canonical=tuple(sorted(set(settings.canonical) | _separate_factors(weights))))
+
+
+def _separate_factors(weights: str) -> set:
+    """The fused mcore layers whose HF projections have different A's somewhere in the adapter
+    (each needs its own adapter: canonical mode)."""
+    from safetensors import safe_open
+
+    out = set()
+    with safe_open(weights, framework="pt") as f:
+        keys = {k.replace(".default.", "."): k for k in f.keys()}
+        for fused, members in FUSED_GROUPS.items():
+            first = f".{members[0]}.lora_A.weight"
+            for key in (k for k in keys if k.endswith(first) and fused not in out):
+                a = f.get_tensor(keys[key])
+                for m in members[1:]:
+                    sibling = keys.get(key[: -len(first)] + f".{m}.lora_A.weight")
+                    if sibling is not None and not torch.equal(f.get_tensor(sibling), a):
+                        out.add(fused)
+    return out
 
 
 def _adapted_layers(chunks: list, family):
@@ -72,7 +98,7 @@ def _adapted_layers(chunks: list, family):
         model = unwrap(chunk)
         layers = model.decoder.layers if hasattr(model, "decoder") else []
         for name, module in model.named_modules():
-            if not hasattr(module, "lora_A"):
+            if not is_lora_layer(module):
                 continue
             template, li, le = split_name(name + ".weight")
             rule = mapping.rule_for(template)
@@ -87,15 +113,17 @@ def _adapted_layers(chunks: list, family):
 
 
 def check_peft_exportable(chunks: list, what: str) -> None:
-    """Routed experts: transformers keeps them as fused 3-D tensors that PEFT cannot target, so a
-    per-expert PEFT adapter would not load; say so before anything is written."""
+    """Routed experts: transformers keeps them as fused 3-D tensors, which PEFT adapts only through
+    ``target_parameters`` (a layout not written here), so a per-expert PEFT adapter would not load;
+    say so before anything is written."""
     from megatron_swift.model.builder import unwrap
 
     for chunk in chunks:
         for name, module in unwrap(chunk).named_modules():
-            if hasattr(module, "lora_A") and ".experts." in name:
-                raise ValueError(f"{what}: the adapter has LoRA on routed experts ({name}), which a PEFT adapter "
-                                 f"cannot express for transformers' fused expert tensors; export a merged model "
+            if is_lora_layer(module) and ".experts." in name:
+                raise ValueError(f"{what}: the adapter has LoRA on routed experts ({name}); transformers keeps them as "
+                                 f"fused 3-D tensors, whose PEFT layout (target_parameters) is not written; export "
+                                 f"a merged model "
                                  f"(`megatron export --mcore_adapters ... --merge_lora true`) or target only "
                                  f"attention (--target_modules linear_qkv linear_proj)")
 
@@ -124,12 +152,28 @@ def load_peft_adapter(chunks: list, adapter_dir: str, config, gpt_settings) -> N
 
     with torch.no_grad():
         for name, module, rule, projections, tp_rank, tp_size in _adapted_layers(chunks, gpt_settings.family):
+            parts = module.lora_parts()
+            if parts:  # canonical: each targeted projection's own factors
+                _check_canonical_rule(name, module, rule)
+                for member, proj in zip(module.lora_members, projections):
+                    if member not in parts:
+                        continue
+                    a, b = get(f"{proj}.lora_A.weight", name), get(f"{proj}.lora_B.weight", name)
+                    try:
+                        if b.shape[0] % tp_size:
+                            raise ValueError(f"{proj}.lora_B has {b.shape[0]} rows, not divisible by TP {tp_size}")
+                        parts[member].lora_A.weight.copy_(a)
+                        parts[member].lora_B.weight.copy_(b.chunk(tp_size, dim=0)[tp_rank])
+                    except (RuntimeError, ValueError) as exc:
+                        raise ValueError(f"argument --adapters {adapter_dir}: its tensors for {name} do not fit the "
+                                         f"model ({exc}); the adapter was trained for another base model") from None
+                continue
             a_list = [get(f"{p}.lora_A.weight", name) for p in projections]
             b_list = [get(f"{p}.lora_B.weight", name) for p in projections]
             if any(not torch.equal(a_list[0], a) for a in a_list[1:]):
                 raise ValueError(f"argument --adapters {adapter_dir}: {', '.join(projections)} have different LoRA A "
-                                 f"matrices (e.g. trained by `swift sft`/PEFT); {name} fuses them and shares one A "
-                                 f"(separate per-projection adapters, the canonical mode, are not built)")
+                                 f"matrices but {name} was built with one shared A (fused mode); build the model "
+                                 f"with the settings settings_from_peft gives (canonical mode for it)")
             try:
                 if module.lora_column:
                     a = a_list[0]
@@ -164,6 +208,15 @@ def adapter_to_peft(chunks: list, config, gpt_settings, value: Optional[Callable
     geo = geometry(config, gpt_settings)
     out = {}
     for name, module, rule, projections, tp_rank, tp_size in _adapted_layers(chunks, gpt_settings.family):
+        parts = module.lora_parts()
+        if parts:  # canonical: each projection's A as it is, its B gathered over TP
+            _check_canonical_rule(name, module, rule)
+            for member, proj in zip(module.lora_members, projections):
+                if member in parts:
+                    a = value(parts[member].lora_A.weight).detach().float().cpu().clone()
+                    b = value(parts[member].lora_B.weight).detach().float().cpu().clone()
+                    out[f"{proj}.lora_A.weight"], out[f"{proj}.lora_B.weight"] = a, _gather_tp(b, module)
+            continue
         # copies: the values may be views of buffers that later steps overwrite (grad buffers)
         a = value(module.lora_A.weight).detach().float().cpu().clone()
         b = value(module.lora_B.weight).detach().float().cpu().clone()
@@ -187,6 +240,22 @@ def adapter_to_peft(chunks: list, config, gpt_settings, value: Optional[Callable
             for k, v in part.items():
                 out.setdefault(k, v)
     return out
+
+
+def _gather_tp(local: torch.Tensor, module) -> torch.Tensor:
+    if module.tp_group.size() == 1:
+        return local
+    shards = [torch.empty_like(local) for _ in range(module.tp_group.size())]
+    torch.distributed.all_gather(shards, local.contiguous(), group=module.tp_group)
+    return torch.cat(shards, dim=0)
+
+
+def _check_canonical_rule(name: str, module, rule) -> None:
+    """The family's HF projections of a fused layer must be the parts of megatron's layout that the
+    canonical adapters follow (the converter's QKV / GATE_UP rule with one HF tensor per part)."""
+    if rule.transform is not module.lora_rule.transform or len(rule.hf) != len(module.lora_members):
+        raise ValueError(f"{name}: the model family maps it with {rule.transform} from {len(rule.hf)} HF tensors; "
+                         f"per-projection (canonical) adapters need the {module.lora_rule.transform} layout")
 
 
 def save_peft_adapter(tensors: dict, out_dir: str, settings: LoraSettings, base_model: Optional[str]) -> None:

@@ -1,20 +1,23 @@
 """Model-level LoRA parity against PEFT on the transformers model (fp32, dropout 0).
 
-``--oracle``: a tiny HF Qwen3 (saved as DIR/hf), a PEFT LoRA on q/k/v/o/gate/up/down with B set
-to random non-zero values and A shared within q/k/v and within gate/up (our fused layers share
-one A), saved as DIR/adapter; logits, the per-token mean loss and the adapter grads of one batch
--> DIR/oracle.pt.
+``--oracle``: a tiny HF Qwen3 (saved as DIR/hf), a PEFT LoRA on q/k/v/o/gate/up/down (``--targets``)
+with B set to random non-zero values and A shared within q/k/v and within gate/up (our fused layers
+share one A; ``--separate_a``: PEFT's own independent A's, which our canonical mode takes), saved as
+DIR/adapter; logits, the per-token mean loss and the adapter grads of one batch -> DIR/oracle.pt.
 Otherwise (one process or torchrun): the mcore model at the given layout loads DIR/hf and the
 PEFT adapter (``load_peft_adapter``, what ``--adapters`` runs), runs forward/backward through
 megatron's schedule and writes OUT/ours.pt: loss, logits (no PP), the adapter grads in PEFT
 layout (``adapter_to_peft``, what the PEFT export runs); with ``--steps N`` it also trains N Adam
-steps and records whether every base tensor stayed bit-identical.
+steps and records whether every base tensor stayed bit-identical. ``--break_scatter``: the logits
+again with canonical adapters' rows scattered as plain [q; k; v] / [gate; up] blocks instead of
+megatron's layout (a sensitivity check: must differ).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -26,18 +29,19 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SEQ, N = 16, 4
 
 
-def oracle(root: str, rslora: bool) -> None:
+def oracle(root: str, rslora: bool, targets: list, share_a: bool, kv_heads: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from megatron_swift.model.tiny import tiny_hf_config
 
     torch.manual_seed(0)
-    cfg = tiny_hf_config("qwen3", num_hidden_layers=2)
+    # kv_heads 4 (8 query heads): 2 query groups per rank at TP2, so a wrong row scatter shows there too
+    cfg = tiny_hf_config("qwen3", num_hidden_layers=2, num_key_value_heads=kv_heads, num_attention_heads=2 * kv_heads)
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg).float()
     model.save_pretrained(os.path.join(root, "hf"), safe_serialization=True)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS,
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
                                             use_rslora=rslora))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -45,7 +49,7 @@ def oracle(root: str, rslora: bool) -> None:
         for name, module in modules.items():
             if hasattr(module, "lora_B") and "default" in getattr(module, "lora_B", {}):
                 module.lora_B["default"].weight.copy_(torch.randn(module.lora_B["default"].weight.shape, generator=g) * 0.1)
-        for name, module in modules.items():  # fused groups share A (copied, not re-drawn)
+        for name, module in (modules.items() if share_a else ()):  # fused groups share A (copied)
             for src, dsts in (("q_proj", ("k_proj", "v_proj")), ("gate_proj", ("up_proj",))):
                 if name.endswith("." + src):
                     for d in dsts:
@@ -68,7 +72,7 @@ def oracle(root: str, rslora: bool) -> None:
     torch.save({"logits": logits.detach(), "loss": loss.item(), "grads": grads}, os.path.join(root, "oracle.pt"))
 
 
-def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int) -> None:
+def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scatter: bool = False) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_swift.converters.load import load_hf_into_mcore
@@ -104,6 +108,15 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int) -> None:
 
     if pp == 1:
         result["logits"] = logits()
+    result["canonical"] = sorted(n for n, _ in unwrap(ddp[0]).named_parameters()
+                                 if re.search(r"\.(q|k|v|gate|up)_proj\.lora_", n))
+    if break_scatter:
+        from megatron_swift.tuners import lora as lora_module
+
+        good = lora_module.scatter_rows
+        lora_module.scatter_rows = lambda rule, blocks, shape, geo: torch.cat(blocks, dim=0)
+        result["logits_broken"] = logits()
+        lora_module.scatter_rows = good
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     for step in range(max(steps, 1)):
         mbs = microbatches(batch, dp_rank, dp_size, 2)
@@ -138,8 +151,12 @@ if __name__ == "__main__":
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--sp", action="store_true")
     p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--targets", default=",".join(TARGETS))
+    p.add_argument("--separate_a", action="store_true")
+    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument("--break_scatter", action="store_true")
     a = p.parse_args()
     if a.oracle:
-        oracle(a.root, a.rslora)
+        oracle(a.root, a.rslora, a.targets.split(","), share_a=not a.separate_a, kv_heads=a.kv_heads)
     else:
-        ours(a.root, a.out, a.tp, a.pp, a.sp, a.steps)
+        ours(a.root, a.out, a.tp, a.pp, a.sp, a.steps, a.break_scatter)
