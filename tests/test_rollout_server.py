@@ -112,3 +112,5 @@ def test_server_generates_and_syncs_like_the_colocated_engine(server, megatron_w
             torch.testing.assert_close(torch.tensor(c.logprobs), want, atol=1e-4, rtol=0)
     finally:
         local.close()
+    # vLLM's own shutdown destroys the default process group: the trainer's must survive close()
+    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1

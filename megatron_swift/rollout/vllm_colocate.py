@@ -96,6 +96,9 @@ class VLLMColocateEngine:
         from transformers import AutoConfig
         from vllm import LLM
 
+        import torch.distributed as dist
+
+        self._trainer_owns_process_group = dist.is_initialized()
         self.rank = _rank()
         self.seed = (0 if seed is None else seed) + self.rank
         self.sleep_level = sleep_level
@@ -183,8 +186,21 @@ class VLLMColocateEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is None:
+            return
+        if not self._trainer_owns_process_group:
             llm.llm_engine.engine_core.shutdown()  # the in-process engine core (frees the KV cache)
+            return
+        # vLLM's shutdown ends with destroy_process_group() of the default group, which here is the
+        # trainer's: tear down only vLLM's own groups.
+        import vllm.v1.engine.core as engine_core
+
+        original = engine_core.cleanup_dist_env_and_memory
+        engine_core.cleanup_dist_env_and_memory = _cleanup_vllm_groups_only
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            engine_core.cleanup_dist_env_and_memory = original
 
     # ------------------------------------------------------------------ random streams
 
@@ -198,6 +214,18 @@ class VLLMColocateEngine:
                 yield
             finally:
                 self._rng = _rng_state()
+
+
+def _cleanup_vllm_groups_only() -> None:
+    import gc
+
+    from vllm.distributed import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()  # its own subgroups of the trainer's world
+        parallel_state._WORLD = None
+    gc.collect()
 
 
 def _refresh_tied_head(model) -> None:
