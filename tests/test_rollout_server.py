@@ -72,6 +72,7 @@ def server(tmp_path_factory):
 
 
 @needs_vllm
+@pytest.mark.slow  # the server is a second process
 def test_server_generates_and_syncs_like_the_colocated_engine(server, megatron_world1):
     from megatron_swift.converters.api import iter_hf_weights, load_hf_into_mcore
     from megatron_swift.converters.mcore_io import build_chunks
