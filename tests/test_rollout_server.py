@@ -115,3 +115,14 @@ def test_server_generates_and_syncs_like_the_colocated_engine(server, megatron_w
         local.close()
     # vLLM's own shutdown destroys the default process group: the trainer's must survive close()
     assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+
+
+def test_colocate_settings_not_built_are_refused_before_vllm_starts(tmp_path):
+    from megatron_swift.rollout.vllm_colocate import RolloutConfigError, VLLMColocateEngine
+
+    with pytest.raises(RolloutConfigError, match="--vllm_tensor_parallel_size 2"):
+        VLLMColocateEngine(str(tmp_path), tensor_parallel_size=2)
+    with pytest.raises(RolloutConfigError, match="--sleep_level 1: vLLM's sleep mode is CUDA-only"):
+        VLLMColocateEngine(str(tmp_path), sleep_level=1)  # this suite runs on the CPU (conftest.py)
+    with pytest.raises(RolloutConfigError, match="--vllm_gpu_memory_utilization 0"):
+        VLLMColocateEngine(str(tmp_path), gpu_memory_utilization=0)

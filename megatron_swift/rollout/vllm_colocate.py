@@ -123,7 +123,9 @@ class VLLMColocateEngine:
         if on_cpu:
             import psutil
 
-            dtype_bytes = 4 if dtype in ("float32", torch.float32) else 2
+            name = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)) \
+                if dtype == "auto" else str(dtype)
+            dtype_bytes = 4 if name.replace("torch.", "") in ("float32", "float") else 2
             need = kv_cache_bytes(hf_config, max_model_len, max_num_seqs, dtype_bytes)
             cap = int(gpu_memory_utilization * psutil.virtual_memory().available)
             kwargs["kv_cache_memory_bytes"] = max(1 << 20, min(need, cap))
