@@ -56,7 +56,7 @@ def test_dpo_settings_defaults_and_aliases(model_and_data):
     (["--rlhf_type", "rm", "--rpo_alpha", "0.5"], ["--rpo_alpha", "rm"]),
     (["--center_rewards_coefficient", "0.1"], ["--center_rewards_coefficient", "does not apply to --rlhf_type dpo"]),
     (["--task_type", "seq_cls"], ["--task_type seq_cls", "rlhf_type rm"]),
-    (["--rlhf_type", "grpo", "--reward_funcs", "accuracy"], ["--rlhf_type grpo", "not built"]),
+    (["--rlhf_type", "grpo", "--reward_funcs", "accuracy"], ["--vllm_mode", "colocate", "server"]),
     (["--desirable_weight", "2"], ["--desirable_weight", "does not apply to --rlhf_type dpo"]),
     (["--rlhf_type", "kto", "--micro_batch_size", "2", "--rpo_alpha", "0.5"], ["--rpo_alpha", "kto"]),
     (["--rlhf_type", "kto", "--micro_batch_size", "2", "--reference_free", "true"], ["--reference_free"]),

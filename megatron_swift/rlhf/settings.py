@@ -1,10 +1,12 @@
-"""The ``megatron rlhf`` arguments DPO and KTO use, read once (args/support.py refuses the rest by name)."""
+"""The ``megatron rlhf`` arguments DPO, KTO, RM and GRPO use, read once (args/support.py refuses the rest by
+name)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
+from .grpo import GRPOLossSettings
 from .losses import DPOSettings, KTOSettings
 
 # ms-swift / TRL < 0.20 called TRL's aot_unpaired "aot_pair"
@@ -20,6 +22,87 @@ class RLHFSettings:
     ref_load: Optional[str]  # mcore checkpoint of the reference (default: --load)
     ref_load_given: bool  # --ref_load / --mcore_ref_model given (not just defaulted to --load)
     center_rewards_coefficient: Optional[float] = None  # RM: + coef * mean((r_c + r_r)^2) (TRL)
+    grpo: Optional["GRPOSettings"] = None
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """What the rollout engines (megatron_swift/rollout) read; GRPO itself only carries them."""
+    mode: str  # colocate | server
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    max_model_len: Optional[int] = None
+    max_num_seqs: Optional[int] = None
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    sleep_level: int = 0
+    server_base_url: Optional[tuple] = None
+    server_host: Optional[tuple] = None
+    server_port: tuple = (8000,)
+    server_timeout: float = 240.0
+    server_group_port: Optional[tuple] = None
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    loss: GRPOLossSettings
+    num_generations: int
+    generation_batch_size: int  # completions per generation step (global)
+    temperature: float
+    max_completion_length: int
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    reward_funcs: tuple
+    reward_weights: tuple
+    advantage_estimator: str
+    scale_rewards: str
+    dynamic_sample: bool
+    max_resample_times: int
+    overlong_filter: bool
+    log_completions: bool
+    log_rollout_offpolicy_metrics: bool
+    vllm: VLLMSettings
+    seed: int = 42
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.loss.beta != 0.0
+
+    @property
+    def rollout_logps_used(self) -> bool:
+        return (self.loss.rollout_importance_sampling_mode is not None or self.log_rollout_offpolicy_metrics
+                or self.loss.off_policy_sequence_mask_delta is not None)
+
+
+def grpo_settings(args) -> GRPOSettings:
+    loss = GRPOLossSettings(
+        loss_type=args.loss_type, beta=args.beta, epsilon=args.epsilon, epsilon_high=args.epsilon_high,
+        delta=args.delta, importance_sampling_level=args.importance_sampling_level, tau_pos=args.tau_pos,
+        tau_neg=args.tau_neg, max_completion_length=args.max_completion_length,
+        rollout_importance_sampling_mode=args.rollout_importance_sampling_mode,
+        rollout_importance_sampling_threshold=args.rollout_importance_sampling_threshold,
+        off_policy_sequence_mask_delta=args.off_policy_sequence_mask_delta)
+    as_tuple = (lambda v: None if v is None else tuple(v))
+    vllm = VLLMSettings(
+        mode=args.vllm_mode, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+        tensor_parallel_size=args.vllm_tensor_parallel_size, max_model_len=args.vllm_max_model_len,
+        max_num_seqs=args.vllm_max_num_seqs, enforce_eager=args.vllm_enforce_eager,
+        enable_prefix_caching=args.vllm_enable_prefix_caching, sleep_level=args.sleep_level,
+        server_base_url=as_tuple(args.vllm_server_base_url), server_host=as_tuple(args.vllm_server_host),
+        server_port=tuple(args.vllm_server_port), server_timeout=args.vllm_server_timeout,
+        server_group_port=as_tuple(args.vllm_server_group_port))
+    weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(args.reward_funcs)
+    return GRPOSettings(
+        loss=loss, num_generations=args.num_generations,
+        generation_batch_size=args.generation_batch_size or args.global_batch_size * (args.steps_per_generation or 1),
+        temperature=args.temperature, max_completion_length=args.max_completion_length, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, reward_funcs=tuple(args.reward_funcs),
+        reward_weights=tuple(float(w) for w in weights), advantage_estimator=args.advantage_estimator,
+        scale_rewards=args.scale_rewards, dynamic_sample=args.dynamic_sample,
+        max_resample_times=args.max_resample_times, overlong_filter=args.overlong_filter,
+        log_completions=args.log_completions, log_rollout_offpolicy_metrics=args.log_rollout_offpolicy_metrics,
+        vllm=vllm, seed=args.seed)
 
 
 def rlhf_settings(args) -> RLHFSettings:
@@ -31,7 +114,8 @@ def rlhf_settings(args) -> RLHFSettings:
                       undesirable_weight=args.undesirable_weight)
     return RLHFSettings(rlhf_type=args.rlhf_type, dpo=dpo, kto=kto, ref_model=args.ref_model, ref_load=args.ref_load,
                         ref_load_given="ref_load" in (args.explicit_args or []),
-                        center_rewards_coefficient=args.center_rewards_coefficient)
+                        center_rewards_coefficient=args.center_rewards_coefficient,
+                        grpo=grpo_settings(args) if args.rlhf_type == "grpo" else None)
 
 
 def build_objective(settings: RLHFSettings, policy_chunks: list, hf_config, overrides: dict, where: str,
