@@ -323,6 +323,12 @@ def _grpo(args) -> Optional[str]:
             return f"argument --{name}: offloading the trainer's state during generation is not built"
     if _given(args, "padding_free") and not args.padding_free:
         return "argument --padding_free false: GRPO packs completions into THD rows (padding-free) only"
+    if args.train_iters is None:
+        return ("argument --max_epochs: GRPO counts steps, not epochs (each step generates "
+                "global_batch_size / num_generations prompts' completions); give --train_iters")
+    if args.val_dataset or (_given(args, "split_dataset_ratio") and args.split_dataset_ratio > 0):
+        name = "val_dataset" if args.val_dataset else "split_dataset_ratio"
+        return f"argument --{name}: GRPO evaluation (generation on held-out prompts) is not built"
     if args.beta is not None and args.beta == 0 and (args.ref_model or _given(args, "ref_load")):
         return f"argument --{'ref_model' if args.ref_model else 'ref_load'}: --beta 0 uses no reference model"
     if args.loss_type == "cispo" and args.epsilon_high is None:

@@ -633,6 +633,8 @@ def _check_grpo(args) -> None:
                             "repetition, soft_overlong, or a name an --external_plugins file registers)")
     if args.num_generations < 2:
         raise ArgumentError("argument --num_generations: GRPO needs at least 2 completions per prompt")
+    if "split_dataset_ratio" not in (args.explicit_args or []):
+        args.split_dataset_ratio = 0.0  # no held-out prompts: GRPO evaluation is not built (support.py)
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
         raise ArgumentError(f"argument --reward_weights: {len(args.reward_weights)} weights for "
                             f"{len(args.reward_funcs)} reward functions (--reward_funcs)")

@@ -130,20 +130,29 @@ def build_objective(settings: RLHFSettings, policy_chunks: list, hf_config, over
 
     reference = None
     if settings.rlhf_type == "kto" or not settings.dpo.reference_free:
-        from .reference import build_reference
-
-        ref_model_dir = None
-        if settings.ref_model:
-            from megatron_swift.data.pipeline import main_process_first
-            from megatron_swift.model.hub import resolve_model_dir
-
-            with main_process_first():
-                ref_model_dir = resolve_model_dir(settings.ref_model, use_hf, hub_token, None)
-        # --ref_load defaults to --load (ms-swift): that is the policy's starting weights, copied, unless
-        # this run resumes (then --load holds trained weights: the reference is --model's weights)
-        ref_load = settings.ref_load if settings.ref_load_given and not ref_model_dir else None
-        reference = build_reference(policy_chunks, hf_config, overrides, where, ref_model_dir=ref_model_dir,
-                                    ref_load=ref_load, policy_is_start=policy_is_start, model_dir=model_dir)
+        reference = reference_for(settings, policy_chunks, hf_config, overrides, where, model_dir=model_dir,
+                                  policy_is_start=policy_is_start, use_hf=use_hf, hub_token=hub_token)
     if settings.rlhf_type == "kto":
         return KTOObjective(settings.kto, vocab_size, reference)
     return DPOObjective(settings.dpo, vocab_size, reference)
+
+
+def reference_for(settings: RLHFSettings, policy_chunks: list, hf_config, overrides: dict, where: str, *,
+                  model_dir: Optional[str], policy_is_start: bool, use_hf: bool = False,
+                  hub_token: Optional[str] = None):
+    """The frozen reference model (rlhf/reference.py) from ``--ref_model`` / ``--ref_load`` / the policy's
+    starting weights."""
+    from .reference import build_reference
+
+    ref_model_dir = None
+    if settings.ref_model:
+        from megatron_swift.data.pipeline import main_process_first
+        from megatron_swift.model.hub import resolve_model_dir
+
+        with main_process_first():
+            ref_model_dir = resolve_model_dir(settings.ref_model, use_hf, hub_token, None)
+    # --ref_load defaults to --load (ms-swift): that is the policy's starting weights, copied, unless
+    # this run resumes (then --load holds trained weights: the reference is --model's weights)
+    ref_load = settings.ref_load if settings.ref_load_given and not ref_model_dir else None
+    return build_reference(policy_chunks, hf_config, overrides, where, ref_model_dir=ref_model_dir,
+                           ref_load=ref_load, policy_is_start=policy_is_start, model_dir=model_dir)
