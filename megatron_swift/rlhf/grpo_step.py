@@ -210,12 +210,16 @@ class PromptSource:
     shuffle: bool = True
     seed: int = 42
 
-    def rows(self, step: int, dp_rank: int, dp_size: int) -> list:
+    def rows(self, step: int, dp_rank: int, dp_size: int, resample_round: int = 0) -> list:
+        """``resample_round`` > 0 (dynamic sampling): other prompts for the same step, from another
+        shuffled order."""
         from megatron_swift.data.iterators import MicroBatchSampler
 
         per_rank = self.prompts_per_step // dp_size
-        sampler = MicroBatchSampler(len(self.dataset), per_rank, dp_rank, dp_size, shuffle=self.shuffle,
-                                    seed=self.seed, consumed_samples=step * self.prompts_per_step)
+        seed = self.seed + 7919 * resample_round
+        sampler = MicroBatchSampler(len(self.dataset), per_rank, dp_rank, dp_size,
+                                    shuffle=self.shuffle or resample_round > 0, seed=seed,
+                                    consumed_samples=step * self.prompts_per_step)
         indices = next(iter(sampler))
         cols = self.dataset[list(indices)]
         return [{k: cols[k][j] for k in cols} for j in range(len(indices))]
@@ -257,6 +261,7 @@ class GRPORollout:
         self.completions_path = completions_path
         self.eos_token_ids = tuple(eos_token_ids)
         self.synced_step: Optional[int] = None
+        self.resampled_fraction = 0.0
 
     def sampling(self, step: int):
         from megatron_swift.rollout.engine import SamplingSettings
@@ -297,6 +302,53 @@ class GRPORollout:
         self._texts = texts
         return torch.tensor(columns, dtype=torch.float64).T.reshape(len(rollouts), len(self.reward_funcs))
 
+    def _sample(self, rows: list, step: int):
+        """Completions of ``rows`` (``num_generations`` each) and their ``[n, F]`` rewards."""
+        generated = self._generate([list(r["input_ids"]) for r in rows], step)
+        g = self.s.num_generations
+        rollouts = [Rollout(prompt_ids=list(rows[i // g]["input_ids"]), completion_ids=list(ids),
+                            rollout_logps=list(lp) if lp is not None else None, truncated=reason == "length")
+                    for i, (ids, lp, reason) in enumerate(generated)]
+        return rollouts, self._rewards(rows, rollouts, step), list(self._texts)
+
+    def _dynamic_sample(self, step: int, rows: list, rollouts: list, rewards: torch.Tensor, texts: list):
+        """DAPO's dynamic sampling: groups whose rewards all agree teach nothing; they are replaced by
+        groups of newly drawn prompts, up to ``max_resample_times`` rounds, then by the original
+        groups. Every data-parallel rank takes part in every round (generation is collective)."""
+        from megatron_swift.platform import get_platform
+
+        g = self.s.num_generations
+        weights = torch.tensor(self.s.reward_weights, dtype=torch.float64)
+
+        def informative(table):
+            total = (table * weights).nansum(dim=1).view(-1, g)
+            return ~torch.isclose(total.std(dim=1), torch.zeros(total.shape[0], dtype=total.dtype))
+
+        groups = [(rows[k], rollouts[k * g:(k + 1) * g], rewards[k * g:(k + 1) * g], texts[k * g:(k + 1) * g])
+                  for k in range(len(rows))]
+        flags = informative(rewards)
+        kept = [grp for grp, ok in zip(groups, flags) if ok]
+        spare = [grp for grp, ok in zip(groups, flags) if not ok]
+        _, dp, dp_rank, dp_size = _groups()
+        for round_ in range(1, self.s.max_resample_times + 1):
+            short = torch.tensor([float(len(kept) < len(rows))], device=get_platform().device)
+            torch.distributed.all_reduce(short, op=torch.distributed.ReduceOp.MAX, group=dp)
+            if not short.item():
+                break
+            more = self.prompts.rows(step, dp_rank, dp_size, resample_round=round_)
+            new_rollouts, new_rewards, new_texts = self._sample(more, step)
+            for k, ok in enumerate(informative(new_rewards)):
+                if ok:
+                    kept.append((more[k], new_rollouts[k * g:(k + 1) * g], new_rewards[k * g:(k + 1) * g],
+                                 new_texts[k * g:(k + 1) * g]))
+        chosen = (kept + spare)[:len(rows)]
+        self.resampled_fraction = 1.0 - sum(1 for grp in chosen if any(grp[0] is r for r in rows)) / len(rows)
+        rows = [grp[0] for grp in chosen]
+        rollouts = [r for grp in chosen for r in grp[1]]
+        rewards = torch.cat([grp[2] for grp in chosen])
+        texts = [t for grp in chosen for t in grp[3]]
+        return rows, rollouts, rewards, texts
+
     def batches_for_step(self, step: int) -> list:
         from megatron_swift.platform import get_platform
 
@@ -307,13 +359,12 @@ class GRPORollout:
         sync_seconds = time.time() - start
         _, dp, dp_rank, dp_size = _groups()
         rows = self.prompts.rows(step, dp_rank, dp_size)
-        generated = self._generate([list(r["input_ids"]) for r in rows], step)
-        g = self.s.num_generations
-        rollouts = [Rollout(prompt_ids=list(rows[i // g]["input_ids"]), completion_ids=list(ids),
-                            rollout_logps=list(lp) if lp is not None else None, truncated=reason == "length")
-                    for i, (ids, lp, reason) in enumerate(generated)]
+        rollouts, local, texts = self._sample(rows, step)
+        if self.s.dynamic_sample:
+            rows, rollouts, local, texts = self._dynamic_sample(step, rows, rollouts, local, texts)
+        self._texts = texts
         generate_seconds = time.time() - start - sync_seconds
-        local = self._rewards(rows, rollouts, step)
+        g = self.s.num_generations
         # the whole generation batch's rewards (equal shares per DP rank), for the advantages
         device = get_platform().device
         everything = [torch.zeros_like(local, device=device) for _ in range(dp_size)]
@@ -352,6 +403,8 @@ class GRPORollout:
         stats["completions/clipped_ratio"] = float(sums[0, 1] / sums[1, 0])
         stats["timing/weight_sync_seconds"] = sync_seconds
         stats["timing/generate_seconds"] = generate_seconds
+        if self.s.dynamic_sample:
+            stats["dynamic_sample/resampled_fraction"] = self.resampled_fraction
         self.objective.rollout_metrics = stats
         if self.s.log_completions and self.completions_path:
             mp, _, _, _ = _groups()

@@ -1,0 +1,55 @@
+"""GRPORollout on 2 data-parallel gloo ranks with a scripted engine (tests/parallel/grpo_rollout_worker.py):
+what the micro batches carry against a re-computation from the completions themselves (rewards from
+an ms-swift-style plugin, group advantages over the whole generation batch, the packed row's gather
+index and labels, dapo's token share), dynamic sampling, and the loss of one train_step (on-policy
+dapo: -Σ A·len / Σ len)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import TESTS, torchrun
+
+WORKER = TESTS / "parallel" / "grpo_rollout_worker.py"
+
+
+@pytest.mark.slow
+def test_rollout_micro_batches_advantages_and_dynamic_sampling(tmp_path):
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.template.tiny_tokenizer import make_tiny_tokenizer
+
+    root = tmp_path / "root"
+    make_tiny_tokenizer(str(root / "hf"), "qwen3")
+    tiny_hf_config("qwen3").save_pretrained(str(root / "hf"))
+    torchrun(WORKER, 2, ["--root", root, "--out", tmp_path / "out", "--dynamic_sample"], timeout=240)
+    ranks = [json.load(open(tmp_path / "out" / f"rank{r}.json")) for r in (0, 1)]
+    lengths, advs = [], []
+    for rec in ranks:
+        for mb in rec["micro_batches"]:
+            lengths += mb["lengths"]
+            advs += mb["advantages"]
+            idx = np.array(mb["token_index"])
+            mask = np.array(mb["mask"]).astype(bool)
+            ids, labels = np.array(mb["input_ids"][0]), np.array(mb["labels"][0])
+            # the gather index points at the positions whose label is the completion token
+            assert (labels[idx[mask]] == ids[idx[mask] + 1]).all()
+            assert (labels != -100).sum() == mask.sum() == sum(mb["lengths"])
+    lengths, advs = np.array(lengths), np.array(advs)
+    rewards = (lengths % 2 == 0).astype(float)  # the plugin's reward, recomputed from the completions
+    groups = rewards.reshape(-1, 4)
+    assert (groups.std(1) > 0).all()  # dynamic sampling replaced the groups whose rewards agree
+    assert ranks[0]["engine_calls"] > 1
+    want = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+    np.testing.assert_allclose(advs, want, rtol=1e-5)
+    share = lengths.sum() / sum(len(rec["micro_batches"]) for rec in ranks)  # tokens / (micro batches x DP)
+    assert all(mb["tokens_per_share"] == pytest.approx(share) for rec in ranks for mb in rec["micro_batches"])
+    for rec in ranks:
+        assert rec["loss"] == pytest.approx(-(advs * lengths).sum() / lengths.sum(), abs=1e-6)
+        assert rec["rollout_metrics"]["reward"] == pytest.approx(rewards.mean())
+        assert rec["rollout_metrics"]["completions/mean_length"] == pytest.approx(lengths.mean())
+        assert rec["grad_norm"] > 0 and "rollout/kl" in rec["metrics"]
+    logged = [json.loads(line) for line in open(tmp_path / "out" / "completions.jsonl")]
+    assert len(logged) == len(lengths) // 2 and {"prompt", "completion", "rewards", "advantage"} <= set(logged[0])
