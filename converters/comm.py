@@ -32,6 +32,23 @@ def gather(tensor: torch.Tensor, group, size: int, dst_is_me: bool) -> Optional[
     return [t.cpu() for t in out] if out is not None else None
 
 
+def all_gather_list(tensor: torch.Tensor, group, size: int) -> list:
+    """Every group rank's tensor, in group-rank order (on the CPU), on every rank."""
+    if size == 1:
+        return [tensor]
+    on_device = tensor.contiguous().to(device())
+    parts = [torch.empty_like(on_device) for _ in range(size)]
+    dist.all_gather(parts, on_device, group=group)
+    return [t.cpu() for t in parts]
+
+
+def all_gather_object(obj, group) -> list:
+    """Every group rank's (picklable) ``obj``, in group-rank order."""
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def max_int(value: int, group=None) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
@@ -52,8 +69,9 @@ def all_gather_cat(tensor: torch.Tensor, group, dim: int = -1) -> torch.Tensor:
     return torch.cat(parts, dim=dim).cpu()
 
 
-def broadcast(tensor: Optional[torch.Tensor], src: int, shape, dtype) -> torch.Tensor:
-    """``tensor`` from global rank ``src`` to every rank (on the CPU)."""
-    buffer = tensor.to(device()) if tensor is not None else torch.empty(shape, dtype=dtype, device=device())
-    dist.broadcast(buffer, src=src)
+def broadcast(tensor: Optional[torch.Tensor], src: int, shape, dtype, group=None) -> torch.Tensor:
+    """``tensor`` from global rank ``src`` to every rank of ``group`` (default: all; on the CPU)."""
+    buffer = (tensor.contiguous().to(device()) if tensor is not None
+              else torch.empty(shape, dtype=dtype, device=device()))
+    dist.broadcast(buffer, src=src, group=group)
     return buffer.cpu()

@@ -1,12 +1,14 @@
 """mcore -> HF weights: one tensor at a time is gathered over TP (and expert-TP / EP for experts)
-to the first rank of its pipeline stage, which hands the HF tensors to the shard writer."""
+to the first rank of its pipeline stage, which hands the HF tensors to the shard writer
+(:func:`write_hf_weights`), or to every rank, for colocated rollout engines (:func:`iter_hf_weights`
+with ``everywhere``); both are the same generator."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,35 +73,45 @@ def _ranks() -> _Ranks:
     return r
 
 
-def _emit(lp: LocalParam, tensor: torch.Tensor, geo: Geometry, ranks: _Ranks,
-          submit: Optional[Callable[[str, torch.Tensor], None]]) -> None:
-    """Gathers one parameter to the stage's writer and submits its HF tensors there."""
+def _hf_tensors(lp: LocalParam, tensor: torch.Tensor, geo: Geometry, ranks: _Ranks,
+                everywhere: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF tensors of one parameter, gathered over TP (expert TP and EP for experts): on the
+    stage's writer only, or with ``everywhere`` on every rank of the stage (all-gathers; every
+    data-parallel replica gathers its own copy)."""
     rule = lp.rule
-    if lp.tied:
-        return
     if not rule.is_expert:
-        if ranks.dp_rank != 0:
+        if ranks.dp_rank != 0 and not everywhere:
             return  # another data-parallel replica writes it
-        shards = [tensor] if rule.tp_dim is None else comm.gather(tensor, ranks.tp_group, ranks.tp_size,
-                                                               ranks.tp_rank == 0)
-        if ranks.tp_rank != 0:
+        if rule.tp_dim is None:
+            shards = [tensor]
+        elif everywhere:
+            shards = comm.all_gather_list(tensor, ranks.tp_group, ranks.tp_size)
+        else:
+            shards = comm.gather(tensor, ranks.tp_group, ranks.tp_size, ranks.tp_rank == 0)
+        if ranks.tp_rank != 0 and not everywhere:
             return
-        for key, hf in zip(lp.hf_keys(), local_shards_to_hf(rule, shards, geo)):
-            submit(key, hf)
+        yield from zip(lp.hf_keys(), local_shards_to_hf(rule, shards, geo))
         return
-    if ranks.edp_rank != 0:
+    if ranks.edp_rank != 0 and not everywhere:
         return
-    shards = [tensor] if rule.tp_dim is None else comm.gather(tensor, ranks.etp_group, ranks.etp_size,
-                                                         ranks.etp_rank == 0)
-    if ranks.etp_rank != 0:
+    if rule.tp_dim is None:
+        shards = [tensor]
+    elif everywhere:
+        shards = comm.all_gather_list(tensor, ranks.etp_group, ranks.etp_size)
+    else:
+        shards = comm.gather(tensor, ranks.etp_group, ranks.etp_size, ranks.etp_rank == 0)
+    if ranks.etp_rank != 0 and not everywhere:
         return
     for source, hf in zip(lp.sources, local_shards_to_hf(rule, shards, geo)):
-        per_ep = comm.gather(hf, ranks.ep_group, ranks.ep_size, ranks.ep_rank == 0)
-        if ranks.ep_rank != 0:
-            continue
+        if everywhere:
+            per_ep = comm.all_gather_list(hf, ranks.ep_group, ranks.ep_size)
+        else:
+            per_ep = comm.gather(hf, ranks.ep_group, ranks.ep_size, ranks.ep_rank == 0)
+            if ranks.ep_rank != 0:
+                continue
         for ep, t in enumerate(per_ep):
             expert = ep * lp.num_local_experts + lp.local_expert
-            submit(format_key(source.key, lp.layer, expert), t)
+            yield format_key(source.key, lp.layer, expert), t
 
 
 def _groups(lps: list[LocalParam], budget: int) -> list[list[LocalParam]]:
@@ -117,15 +129,74 @@ def _groups(lps: list[LocalParam], budget: int) -> list[list[LocalParam]]:
     return groups
 
 
+def iter_hf_weights(chunks: list, config, settings, *, everywhere: bool = False,
+                    dtype: Optional[torch.dtype] = None, params=None,
+                    group_bytes: int = 1 << 30) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields the model's weights as ``(hf_name, full tensor)``, one tensor at a time, gathered over
+    TP / expert TP / EP.
+
+    Collective: every rank iterates it to the end. By default each tensor is yielded once, on the
+    first rank of the pipeline stage that holds it (what a file writer needs). With ``everywhere``
+    every rank gets every tensor (all-gathers within the stage, then a broadcast over the pipeline
+    group): a colocated rollout engine on each training rank loads the whole model. The tied output
+    layer is not yielded (HF reads it from the embedding). ``dtype``: cast each yielded tensor.
+    ``params`` supplies parameter values (default: the chunks' own; ``mcore_io.CheckpointParams``
+    loads them group by group from a dist checkpoint). Tensors in flight: one group of at most
+    ``group_bytes`` of parameters (one layer, or part of it).
+    """
+    params = params or LiveParams()
+    mapping = mapping_of(settings)
+    geo = geometry(config, settings)
+    lps = local_params(chunks, mapping, settings.share_embeddings_and_output_weights)
+    ranks = _ranks()
+    groups = _groups(lps, group_bytes)
+    pp_group, pp_size = _pipeline_group()
+    slots = len(groups)
+    if dist.is_initialized() and dist.get_world_size() > 1 and (params.collective or (everywhere and pp_size > 1)):
+        slots = comm.max_int(slots)
+    for s in range(slots):
+        group = groups[s] if s < len(groups) else []
+        params.materialize(group)
+        mine = []
+        for lp in group:
+            if lp.tied:
+                continue
+            for key, tensor in _hf_tensors(lp, params.tensor(lp), geo, ranks, everywhere):
+                tensor = tensor if dtype is None else tensor.to(dtype)
+                if everywhere and pp_size > 1:
+                    mine.append((key, tensor))  # exchanged with the other stages below
+                else:
+                    yield key, tensor
+        params.release(group)
+        if everywhere and pp_size > 1:
+            yield from _across_stages(mine, pp_group)
+
+
+def _pipeline_group():
+    if not dist.is_initialized():
+        return None, 1
+    ps = _ps()
+    return ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
+
+
+def _across_stages(mine: list, pp_group) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every stage's tensors (this rank's ``mine`` and the same rank of the other stages'), in stage order."""
+    everyone = comm.all_gather_object([(k, tuple(t.shape), t.dtype) for k, t in mine], pp_group)
+    own = dist.get_rank(pp_group)
+    for stage, entries in enumerate(everyone):
+        src = dist.get_global_rank(pp_group, stage)
+        for i, (key, shape, dtype) in enumerate(entries):
+            yield key, comm.broadcast(mine[i][1] if stage == own else None, src, shape, dtype, group=pp_group)
+
+
 def write_hf_weights(chunks: list, config, settings, out_dir: str, *, dtype: torch.dtype,
                      max_shard_size="5GB", thread_count: int = 1, params=None,
                      group_bytes: int = 1 << 30) -> ShardPlan:
-    """Writes the model's weights as HF safetensors shards (+ index) into ``out_dir``.
+    """Writes the model's weights as HF safetensors shards (+ index) into ``out_dir``: the tensors of
+    :func:`iter_hf_weights`, handed to the shard writer on each stage's first rank.
 
-    Collective: every rank calls it. ``params`` supplies parameter values (default: the chunks'
-    own; ``mcore_io.CheckpointParams`` loads them group by group from a dist checkpoint).
+    Collective: every rank calls it. ``params``: see :func:`iter_hf_weights`.
     """
-    params = params or LiveParams()
     mapping = mapping_of(settings)
     geo = geometry(config, settings)
     lps = local_params(chunks, mapping, settings.share_embeddings_and_output_weights)
@@ -136,21 +207,10 @@ def write_hf_weights(chunks: list, config, settings, out_dir: str, *, dtype: tor
         os.makedirs(out_dir, exist_ok=True)
         plan.create_files(out_dir)
     _barrier()
-    ranks = _ranks()
-    writer = ShardWriter(plan, out_dir, thread_count) if ranks.writer else None
-    submit = writer.submit if writer is not None else None
-    groups = _groups(lps, group_bytes)
-    slots = len(groups)
-    if params.collective and dist.is_initialized():
-        slots = comm.max_int(slots)
+    writer = ShardWriter(plan, out_dir, thread_count) if _ranks().writer else None
     try:
-        for s in range(slots):
-            group = groups[s] if s < len(groups) else []
-            params.materialize(group)
-            for lp in group:
-                if not lp.tied:
-                    _emit(lp, params.tensor(lp), geo, ranks, submit)
-            params.release(group)
+        for key, tensor in iter_hf_weights(chunks, config, settings, params=params, group_bytes=group_bytes):
+            writer.submit(key, tensor)  # only the stage's writer receives tensors
     finally:
         if writer is not None:
             writer.close()

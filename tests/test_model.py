@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 
+from helpers import family_params
+
 from megatron_swift.model import build_model, padded_vocab_size, transformer_config_from_hf
 from megatron_swift.model.families import UnsupportedModelError
 from megatron_swift.model.tiny import TINY_OVERRIDES, TINY_VOCAB, tiny_hf_config
 
-FAMILIES = sorted(TINY_OVERRIDES)
+FAMILIES = family_params(sorted(TINY_OVERRIDES))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
