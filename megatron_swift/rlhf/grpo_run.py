@@ -91,7 +91,8 @@ def grpo_collator(args, pad_token_id: int):
 
 def build_grpo(args, settings, ddp_chunks: list, config, gpt_settings, hf_config, overrides: dict, where: str,
                data, model_dir: str, save_dir: Optional[str], resumed: bool):
-    """``(objective, batches_for_step, seq_length)`` of a GRPO run."""
+    """``(objective, batches_for_step, seq_length, engine)`` of a GRPO run (``engine.close()`` when done,
+    before the process groups go)."""
     from megatron_swift.data.batching import move_batch
     from megatron_swift.platform import get_platform
 
@@ -128,4 +129,4 @@ def build_grpo(args, settings, ddp_chunks: list, config, gpt_settings, hf_config
     if resumed:  # the engine holds --model's weights; the policy resumed from a checkpoint
         rollout.synced_step = -1
     seq_length = collator.fixed_length or (args.max_length or 0) + grpo.max_completion_length
-    return objective, rollout.batches_for_step, seq_length
+    return objective, rollout.batches_for_step, seq_length, engine

@@ -232,10 +232,11 @@ def run_training(args) -> int:
     write_args_json_once(args, save_dir, extra={"model_type": hf_config.model_type, "template": data.template_name,
                                                "hf_config": hf_config.to_dict(), "model_dir": source.model_dir})
     batches_for_step, seq_length, eval_batches = data.batches_for_step, data.seq_length, data.eval_batches
+    engine = None
     if settings.command == "rlhf" and args.rlhf_type == "grpo":  # generation feeds the loop (rlhf/grpo_step.py)
         from megatron_swift.rlhf.grpo_run import build_grpo
 
-        objective, batches_for_step, seq_length = build_grpo(
+        objective, batches_for_step, seq_length, engine = build_grpo(
             args, rlhf_settings(args), ddp_chunks, config, gpt_settings, hf_config, overrides, where, data,
             source.model_dir, save_dir if torch.distributed.get_rank() == 0 else None, resumed=bool(start))
         eval_batches = None  # evaluation by generation is not built (--split_dataset_ratio 0 for grpo)
@@ -246,9 +247,14 @@ def run_training(args) -> int:
         manual_gc_interval=settings.manual_gc_interval if settings.manual_gc else None, hf_export=_hf_export(settings, config, gpt_settings, hf_config, data) if ckpt.save_safetensors
         else None, objective=objective,
     )
-    state = train(ddp_chunks, optimizer, scheduler, batches_for_step, loop, start_iteration=start,
-                  eval_batches=eval_batches, data_cursor=data.cursor)
-    if torch.distributed.get_rank() == 0:
+    rank = torch.distributed.get_rank()
+    try:
+        state = train(ddp_chunks, optimizer, scheduler, batches_for_step, loop, start_iteration=start,
+                      eval_batches=eval_batches, data_cursor=data.cursor)
+    finally:
+        if engine is not None:  # the rollout engine (GRPO); vLLM's shutdown also ends the process groups
+            engine.close()
+    if rank == 0:
         logger.info("done: %d iterations, final loss %.4f; checkpoint in %s", state.iteration,
                     state.losses[-1] if state.losses else float("nan"), save_dir)
     from megatron_swift.platform import destroy_parallel
