@@ -19,12 +19,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("vll
 PLUGIN = '''from megatron_swift.plugin import ORM, orms
 
 
-class DigitFraction(ORM):
+class AsciiLetters(ORM):  # a dense reward for a random model's completions
     def __call__(self, completions, **kwargs):
-        return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+        return [sum(ch.isascii() and ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
 
 
-orms["digits"] = DigitFraction
+orms["letters"] = AsciiLetters
 '''
 
 
@@ -35,11 +35,11 @@ def test_grpo_colocate_end_to_end(tmp_path):
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"what is {i % 7} plus {i % 5}?"}],
                                         "solution": str(i % 7 + i % 5)}) + "\n" for i in range(24)))
-    plugin = tmp_path / "digits.py"
+    plugin = tmp_path / "letters.py"
     plugin.write_text(PLUGIN)
     out = tmp_path / "out"
     proc = megatron("rlhf", "--rlhf_type", "grpo", "--vllm_mode", "colocate", "--model", model, "--dataset", data,
-                    "--external_plugins", plugin, "--reward_funcs", "digits", "accuracy", "--num_generations", "4",
+                    "--external_plugins", plugin, "--reward_funcs", "letters", "accuracy", "--num_generations", "4",
                     "--global_batch_size", "8", "--micro_batch_size", "2", "--train_iters", "3", "--max_length", "64",
                     "--max_completion_length", "16", "--lr", "1e-3", "--log_interval", "1", "--save", out,
                     "--add_version", "false", "--log_completions", "true", "--log_rollout_offpolicy_metrics", "true",
@@ -52,6 +52,6 @@ def test_grpo_colocate_end_to_end(tmp_path):
     for r in logs[1:]:
         assert r["rollout/abs_diff"] < 3 * first + 1e-3, logs  # the synced engine follows the policy
     assert logs[-1]["kl"] > 10 * first  # ... which moved well beyond that difference
-    assert all("rewards/digits/mean" in r and r["completions/mean_length"] > 0 for r in logs)
+    assert all("rewards/letters/mean" in r and r["completions/mean_length"] > 0 for r in logs)
     completions = [json.loads(line) for line in open(out / "completions.jsonl")]
-    assert len(completions) == 3 * 8 and set(completions[0]["rewards"]) == {"digits", "accuracy"}
+    assert len(completions) == 3 * 8 and set(completions[0]["rewards"]) == {"letters", "accuracy"}
