@@ -301,6 +301,9 @@ def _grpo(args) -> Optional[str]:
         return "argument --use_vllm false: GRPO generates with vLLM (--vllm_mode colocate or server)"
     if args.vllm_mode is None:
         return "argument --vllm_mode: GRPO needs --vllm_mode colocate (vLLM in each training process) or server"
+    if args.vllm_mode == "colocate" and args.vllm_tensor_parallel_size != 1:
+        return ("argument --vllm_tensor_parallel_size: colocated vLLM runs one engine per training rank with tensor "
+                "parallel 1 (each rank generates its slice); a larger vLLM TP needs --vllm_mode server")
     if args.num_iterations > 1:
         return ("argument --num_iterations: several updates per generated batch (old log-probs from an extra "
                 "forward) are not built; use 1")
