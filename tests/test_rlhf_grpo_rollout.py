@@ -53,3 +53,30 @@ def test_rollout_micro_batches_advantages_and_dynamic_sampling(tmp_path):
         assert rec["grad_norm"] > 0 and "rollout/kl" in rec["metrics"]
     logged = [json.loads(line) for line in open(tmp_path / "out" / "completions.jsonl")]
     assert len(logged) == len(lengths) // 2 and {"prompt", "completion", "rewards", "advantage"} <= set(logged[0])
+
+
+@pytest.mark.slow
+def test_steps_per_generation_reuses_the_generation_with_old_logps(tmp_path):
+    """--steps_per_generation 2: one generation feeds two steps (no second engine call); the old
+    log-probs (a forward-only pass of the policy right after generating) equal the first step's
+    training log-probs (its loss is the on-policy value), and the second step trains the other half
+    off-policy (after an update: ratios move, the loss is no longer the on-policy value)."""
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.template.tiny_tokenizer import make_tiny_tokenizer
+
+    root = tmp_path / "root"
+    make_tiny_tokenizer(str(root / "hf"), "qwen3")
+    tiny_hf_config("qwen3").save_pretrained(str(root / "hf"))
+    torchrun(WORKER, 2, ["--root", root, "--out", tmp_path / "out", "--steps_per_generation", "2"], timeout=240)
+    ranks = [json.load(open(tmp_path / "out" / f"rank{r}.json")) for r in (0, 1)]
+    losses = []
+    for k in (0, 1):
+        lengths = np.array([x for rec in ranks for mb in rec["steps"][k]["micro_batches"] for x in mb["lengths"]])
+        advs = np.array([x for rec in ranks for mb in rec["steps"][k]["micro_batches"] for x in mb["advantages"]])
+        losses.append((ranks[0]["steps"][k]["loss"], -(advs * lengths).sum() / lengths.sum()))
+        assert all(mb["has_old_logps"] for rec in ranks for mb in rec["steps"][k]["micro_batches"])
+        assert ranks[0]["steps"][k]["engine_calls"] == 1
+    assert losses[0][0] == pytest.approx(losses[0][1], abs=1e-6)  # π_old = π at the generation's first step
+    assert abs(losses[1][0] - losses[1][1]) > 1e-6  # the second step is off-policy
+    assert ranks[0]["steps"][0]["micro_batches"][0]["input_ids"] != ranks[0]["steps"][1]["micro_batches"][0]["input_ids"]
+    assert ranks[0]["steps"][1]["rollout_metrics"] == {}  # rewards are logged once per generation

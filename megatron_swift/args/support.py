@@ -304,15 +304,6 @@ def _grpo(args) -> Optional[str]:
     if args.vllm_mode == "colocate" and args.vllm_tensor_parallel_size != 1:
         return ("argument --vllm_tensor_parallel_size: colocated vLLM runs one engine per training rank with tensor "
                 "parallel 1 (each rank generates its slice); a larger vLLM TP needs --vllm_mode server")
-    if args.num_iterations > 1:
-        return ("argument --num_iterations: several updates per generated batch (old log-probs from an extra "
-                "forward) are not built; use 1")
-    spg = args.steps_per_generation
-    if (spg is not None and spg > 1) or (args.generation_batch_size is not None
-                                         and args.generation_batch_size != args.global_batch_size):
-        name = "steps_per_generation" if spg is not None else "generation_batch_size"
-        return (f"argument --{name}: several optimizer steps per generation (old log-probs from an extra forward) "
-                f"are not built; generate once per step (generation_batch_size = global_batch_size)")
     if args.kl_in_reward:
         return "argument --kl_in_reward: not built; the KL to the reference is a loss term (beta x k3)"
     if args.log_entropy or args.top_entropy_quantile < 1.0:

@@ -638,6 +638,9 @@ def _check_grpo(args) -> None:
     if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
         raise ArgumentError(f"argument --reward_weights: {len(args.reward_weights)} weights for "
                             f"{len(args.reward_funcs)} reward functions (--reward_funcs)")
+    if args.generation_batch_size is not None and args.generation_batch_size % args.global_batch_size:
+        raise ArgumentError(f"argument --generation_batch_size ({args.generation_batch_size}): must be a multiple of "
+                            f"--global_batch_size ({args.global_batch_size}): each generation feeds whole steps")
     if args.steps_per_generation is None:
         args.steps_per_generation = (args.generation_batch_size // args.global_batch_size
                                      if args.generation_batch_size else 1)

@@ -126,7 +126,8 @@ def build_grpo(args, settings, ddp_chunks: list, config, gpt_settings, hf_config
                           to_device=lambda b: move_batch(b, device),
                           completions_path=os.path.join(save_dir, "completions.jsonl") if save_dir else None,
                           eos_token_ids=eos)
+    seq_length = collator.fixed_length or (args.max_length or 0) + grpo.max_completion_length
+    rollout.seq_length = seq_length
     if resumed:  # the engine holds --model's weights; the policy resumed from a checkpoint
         rollout.synced_step = -1
-    seq_length = collator.fixed_length or (args.max_length or 0) + grpo.max_completion_length
     return objective, rollout.batches_for_step, seq_length, engine

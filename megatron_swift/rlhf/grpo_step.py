@@ -16,7 +16,9 @@ One step (``steps_per_generation = num_iterations = 1``: the generation batch is
    batches of ``micro_batch_size`` completions; each carries the per-token gather index that turns the
    packed row's log-probs into ``[completions, max completion length]``.
 5. ``GRPOObjective.prepare``: the reference's per-token log-probs (``beta != 0``) from a forward-only
-   pass of the frozen reference. Old log-probs are ``sg(logπ)`` (on-policy: no extra forward).
+   pass of the frozen reference. Old log-probs are ``sg(logπ)`` on-policy (no extra forward); with
+   ``steps_per_generation`` or ``num_iterations`` > 1 one generation feeds several steps, and the
+   policy's log-probs right after generating (a forward-only pass) are the old ones.
 6. the loss (``forward_step``): logits / temperature -> per-token log-probs (vocab-parallel CE,
    rlhf/logprobs.py) -> ``per_token_loss`` -> ``reduce_loss``'s ``(numerator, denominator)``.
 """
@@ -104,8 +106,8 @@ def grpo_loss_func(batch: dict, settings: GRPOLossSettings, temperature: float, 
     logps = completion_logps(logits, batch, temperature, vocab_size)
     mask = batch["completion_mask"]
     rollout = batch.get("rollout_logps")
-    loss, mask, sums = per_token_loss(logps, batch["advantages"], mask, settings, ref_logps=batch.get("ref_logps"),
-                                      rollout_logps=rollout)
+    loss, mask, sums = per_token_loss(logps, batch["advantages"], mask, settings, old_logps=batch.get("old_logps"),
+                                      ref_logps=batch.get("ref_logps"), rollout_logps=rollout)
     if log_mismatch and rollout is not None:
         sums.update(mismatch_sums(logps.detach(), rollout, batch["completion_mask"]))
     numerator, denominator = reduce_loss(loss, mask, settings, batch.get("tokens_per_share"))
@@ -245,7 +247,7 @@ class GRPORollout:
     def __init__(self, settings, engine, prompts: PromptSource, reward_funcs: list, reward_names: list,
                  collator, micro_batch_size: int, tokenizer, objective: GRPOObjective, ddp_chunks: list,
                  export_weights: Optional[Callable] = None, to_device: Callable = lambda b: b,
-                 completions_path: Optional[str] = None, eos_token_ids: tuple = ()):
+                 completions_path: Optional[str] = None, eos_token_ids: tuple = (), seq_length: int = 0):
         self.s = settings  # rlhf/settings.py GRPOSettings
         self.engine = engine
         self.prompts = prompts
@@ -262,6 +264,8 @@ class GRPORollout:
         self.eos_token_ids = tuple(eos_token_ids)
         self.synced_step: Optional[int] = None
         self.resampled_fraction = 0.0
+        self.seq_length = seq_length  # the schedule's (pipeline parallelism: the fixed THD length)
+        self._buffer = None  # (generation index, its micro batches)
 
     def sampling(self, step: int):
         from megatron_swift.rollout.engine import SamplingSettings
@@ -350,6 +354,24 @@ class GRPORollout:
         return rows, rollouts, rewards, texts
 
     def batches_for_step(self, step: int) -> list:
+        """This step's micro batches. A generation makes ``steps_per_generation`` steps' worth of
+        completions, trained ``num_iterations`` times; off-policy then (any step but a generation's first
+        update), the loss's old log-probs come from a forward-only pass of the policy right after
+        generating."""
+        spg, iterations = self.s.steps_per_generation, self.s.num_iterations
+        generation, within = divmod(step, spg * iterations)
+        if self._buffer is None or self._buffer[0] != generation:
+            self._buffer = (generation, self._generate_batch(generation, step))
+        else:
+            self.objective.rollout_metrics = {}  # logged once, with the generation's first step
+        micro = self._buffer[1]
+        per_step = len(micro) // spg
+        part = micro[(within % spg) * per_step:(within % spg + 1) * per_step]
+        _, dp, _, dp_size = _groups()
+        self._share_tokens(part, dp, dp_size)
+        return part
+
+    def _generate_batch(self, generation: int, step: int) -> list:
         from megatron_swift.platform import get_platform
 
         start = time.time()
@@ -358,10 +380,10 @@ class GRPORollout:
         self.synced_step = step
         sync_seconds = time.time() - start
         _, dp, dp_rank, dp_size = _groups()
-        rows = self.prompts.rows(step, dp_rank, dp_size)
+        rows = self.prompts.rows(generation, dp_rank, dp_size)
         rollouts, local, texts = self._sample(rows, step)
         if self.s.dynamic_sample:
-            rows, rollouts, local, texts = self._dynamic_sample(step, rows, rollouts, local, texts)
+            rows, rollouts, local, texts = self._dynamic_sample(generation, rows, rollouts, local, texts)
         self._texts = texts
         generate_seconds = time.time() - start - sync_seconds
         g = self.s.num_generations
@@ -375,11 +397,20 @@ class GRPORollout:
         mine = slice(dp_rank * len(rollouts), (dp_rank + 1) * len(rollouts))
         for r, a in zip(rollouts, adv[mine].tolist()):
             r.advantage = a
-        micro = [collate_rollouts(rollouts[i:i + self.micro_batch_size], self.collator, self.s.overlong_filter)
+        micro = [self.to_device(collate_rollouts(rollouts[i:i + self.micro_batch_size], self.collator,
+                                                 self.s.overlong_filter))
                  for i in range(0, len(rollouts), self.micro_batch_size)]
-        self._share_tokens(micro, dp, dp_size)
+        if self.s.steps_per_generation * self.s.num_iterations > 1:  # off-policy steps follow: keep π_old
+            for chunk in self.ddp_chunks:
+                chunk.eval()
+            try:
+                fill_token_logps(self.ddp_chunks, micro, self.seq_length, 1, "old_logps", self.s.temperature,
+                                 self.objective.vocab_size)
+            finally:
+                for chunk in self.ddp_chunks:
+                    chunk.train()
         self._log_step(step, table, total, rollouts, rows, adv[mine], sync_seconds, generate_seconds, dp, device)
-        return [self.to_device(mb) for mb in micro]
+        return micro
 
     def _share_tokens(self, micro: list, dp, dp_size: int) -> None:
         """dapo / cispo: the global batch's completion tokens / (micro batches x DP ranks), per micro batch."""

@@ -48,6 +48,8 @@ class GRPOSettings:
     loss: GRPOLossSettings
     num_generations: int
     generation_batch_size: int  # completions per generation step (global)
+    steps_per_generation: int
+    num_iterations: int
     temperature: float
     max_completion_length: int
     top_k: int
@@ -96,6 +98,7 @@ def grpo_settings(args) -> GRPOSettings:
     return GRPOSettings(
         loss=loss, num_generations=args.num_generations,
         generation_batch_size=args.generation_batch_size or args.global_batch_size * (args.steps_per_generation or 1),
+        steps_per_generation=args.steps_per_generation or 1, num_iterations=args.num_iterations,
         temperature=args.temperature, max_completion_length=args.max_completion_length, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, reward_funcs=tuple(args.reward_funcs),
         reward_weights=tuple(float(w) for w in weights), advantage_estimator=args.advantage_estimator,

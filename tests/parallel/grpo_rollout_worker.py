@@ -47,6 +47,7 @@ def main():
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dynamic_sample", action="store_true")
+    p.add_argument("--steps_per_generation", type=int, default=1)
     a = p.parse_args()
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -82,30 +83,35 @@ def main():
                             "messages": [[{"role": "user", "content": f"q{i}"}] for i in range(16)],
                             "extra": [json.dumps({"solution": str(i)}) for i in range(16)]})
     g, gbs, mbs = 4, 16, 2
+    spg = a.steps_per_generation
     grpo = GRPOSettings(loss=GRPOLossSettings(loss_type="dapo", beta=0.0), num_generations=g,
-                        generation_batch_size=gbs, temperature=1.0, max_completion_length=4, top_k=-1, top_p=1.0,
+                        generation_batch_size=gbs * spg, steps_per_generation=spg, num_iterations=1, temperature=1.0, max_completion_length=4, top_k=-1, top_p=1.0,
                         repetition_penalty=1.0, reward_funcs=("even_length",), reward_weights=(1.0,),
                         advantage_estimator="grpo", scale_rewards="group", dynamic_sample=a.dynamic_sample,
                         max_resample_times=3, overlong_filter=False, log_completions=True,
                         log_rollout_offpolicy_metrics=True, vllm=VLLMSettings(mode="colocate"))
     objective = GRPOObjective(grpo.loss, 1.0, settings.vocab_size, None, log_mismatch=True)
     engine = ScriptedEngine()
-    rollout = GRPORollout(grpo, engine, PromptSource(ds, gbs // g, shuffle=True, seed=5),
+    rollout = GRPORollout(grpo, engine, PromptSource(ds, gbs * spg // g, shuffle=True, seed=5),
                           resolve_reward_funcs(["even_length"], types.SimpleNamespace()), ["even_length"],
                           Collator(pad_token_id=0), mbs, tokenizer, objective, ddp,
                           completions_path=os.path.join(a.out, "completions.jsonl") if rank == 0 else None)
-    micro = rollout.batches_for_step(0)
-    result = train_step(ddp, optimizer, iter(micro), len(micro), 64, 1, loss_tokens=step_loss_tokens(micro),
-                        objective=objective)
-    record = {
-        "engine_calls": engine.calls,
-        "micro_batches": [{"advantages": mb["advantages"].tolist(), "lengths": mb["completion_lengths"].tolist(),
-                           "tokens_per_share": mb["tokens_per_share"],
-                           "input_ids": mb["input_ids"].tolist(), "token_index": mb["token_index"].tolist(),
-                           "mask": mb["completion_mask"].tolist(), "labels": mb["labels"].tolist()} for mb in micro],
-        "loss": result.loss, "grad_norm": result.grad_norm, "metrics": result.metrics,
-        "rollout_metrics": objective.step_metrics(),
-    }
+    steps = []
+    for step in range(spg):
+        micro = rollout.batches_for_step(step)
+        result = train_step(ddp, optimizer, iter(micro), len(micro), 64, 1, loss_tokens=step_loss_tokens(micro),
+                            objective=objective)
+        steps.append({
+            "engine_calls": engine.calls,
+            "micro_batches": [{"advantages": mb["advantages"].tolist(), "lengths": mb["completion_lengths"].tolist(),
+                               "tokens_per_share": mb["tokens_per_share"], "has_old_logps": "old_logps" in mb,
+                               "input_ids": mb["input_ids"].tolist(), "token_index": mb["token_index"].tolist(),
+                               "mask": mb["completion_mask"].tolist(), "labels": mb["labels"].tolist()}
+                              for mb in micro],
+            "loss": result.loss, "grad_norm": result.grad_norm, "metrics": result.metrics,
+            "rollout_metrics": objective.step_metrics(),
+        })
+    record = dict(steps[0], steps=steps)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
         json.dump(record, f)
