@@ -108,8 +108,9 @@ def grpo_loss_func(batch: dict, settings: GRPOLossSettings, temperature: float, 
     rollout = batch.get("rollout_logps")
     loss, mask, sums = per_token_loss(logps, batch["advantages"], mask, settings, old_logps=batch.get("old_logps"),
                                       ref_logps=batch.get("ref_logps"), rollout_logps=rollout)
-    if log_mismatch and rollout is not None:
-        sums.update(mismatch_sums(logps.detach(), rollout, batch["completion_mask"]))
+    if log_mismatch and rollout is not None:  # the trainer at the weights that sampled (π_old) vs the engine
+        old = batch.get("old_logps")
+        sums.update(mismatch_sums(logps.detach() if old is None else old, rollout, batch["completion_mask"]))
     numerator, denominator = reduce_loss(loss, mask, settings, batch.get("tokens_per_share"))
     value = numerator.detach().double()
     # the logged loss is the objective: megatron's mean of numerator / denominator over micro batches and
