@@ -273,7 +273,10 @@ class GRPORollout:
 
         return SamplingSettings(max_tokens=self.s.max_completion_length, temperature=self.s.temperature,
                                 top_p=self.s.top_p, top_k=self.s.top_k, repetition_penalty=self.s.repetition_penalty,
-                                stop_token_ids=self.eos_token_ids, seed=self.s.seed + step)
+                                # no per-request seed: one seed for every request of a batch would give
+                                # different prompts the same draws; the engine's own stream (seeded with
+                                # --seed + rank when built) samples
+                                stop_token_ids=self.eos_token_ids, seed=None)
 
     def _generate(self, prompt_ids: list, step: int) -> list:
         """Every rank of the model-parallel group generates a contiguous slice of the prompts; the
