@@ -4,8 +4,9 @@ them into a loss. The loop (trainer/loop.py) is the one ``sft`` and DPO use: ``b
 
 One step (``steps_per_generation = num_iterations = 1``: the generation batch is the global batch):
 
-1. weights -> the rollout engine (:func:`sync_weights`; skipped before the first step, when the engine
-   already holds the starting weights)
+1. the engine wakes up (``--sleep_level``), weights -> the rollout engine (:func:`sync_weights`; skipped
+   before the first step, when the engine already holds the starting weights); after generating it
+   sleeps again (its KV cache, and at level 2 its weights, freed while the policy trains)
 2. this data-parallel rank's ``generation_batch_size / num_generations / DP`` prompts (encoded by the
    template, generation prompt included) -> ``engine.generate(n=num_generations)``. The prompts are
    split over the ranks of the model-parallel group (TP x PP), each generating its slice, and the
@@ -379,6 +380,8 @@ class GRPORollout:
         from megatron_swift.platform import get_platform
 
         start = time.time()
+        if hasattr(self.engine, "wake_up"):  # --sleep_level: the engine gave its memory back while training
+            self.engine.wake_up()
         if self.export_weights is not None and self.synced_step is not None and self.synced_step != step:
             sync_weights(self.engine, self.ddp_chunks, self.export_weights)
         self.synced_step = step
@@ -388,6 +391,8 @@ class GRPORollout:
         rollouts, local, texts = self._sample(rows, step)
         if self.s.dynamic_sample:
             rows, rollouts, local, texts = self._dynamic_sample(generation, rows, rollouts, local, texts)
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()
         self._texts = texts
         generate_seconds = time.time() - start - sync_seconds
         g = self.s.num_generations
