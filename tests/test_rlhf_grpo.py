@@ -291,3 +291,20 @@ def test_k3_kl_clamps_like_ms_swift():
     f64 = dict(dtype=torch.float64)
     assert float(k3_kl(torch.tensor(50.0, **f64), torch.tensor(0.0, **f64))) == 10.0
     assert float(k3_kl(torch.tensor(0.3, **f64), torch.tensor(0.1, **f64))) == pytest.approx(math.exp(0.2) - 0.2 - 1)
+
+
+def test_high_entropy_mask_keeps_the_policy_term_on_high_entropy_tokens_only():
+    from megatron_swift.rlhf.grpo import high_entropy_mask
+
+    logps, _, ref, adv, mask = _batch(7)
+    entropy = torch.rand(logps.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    keep = high_entropy_mask(entropy, mask, 0.25)
+    values = entropy[mask.bool()]
+    threshold = float(np.quantile(values.numpy(), 0.75))  # numpy's linear interpolation, as torch.quantile
+    torch.testing.assert_close(keep, ((entropy >= threshold) & mask.bool()).to(mask.dtype))
+    assert 0 < keep.sum() < mask.sum()
+    s = GRPOLossSettings(loss_type="bnpo", beta=0.04)
+    masked, _, _ = per_token_loss(logps, adv, mask, s, ref_logps=ref, entropy_mask=keep)
+    plain, _, _ = per_token_loss(logps, adv, mask, s, ref_logps=ref)
+    kl = 0.04 * k3_kl(ref, logps)
+    torch.testing.assert_close(masked, (plain - kl) * keep + kl)  # the KL term stays on every token

@@ -1,7 +1,8 @@
 """The GRPO gradient on Megatron-Core at TP2 + SP and PP2 (2 gloo ranks) with fixed completions, against
 transformers' autograd of the GRPO surrogate written from the papers (tests/parallel/grpo_grad_worker.py):
 every weight's gradient (exported to HF names by the converters) and the loss value, for grpo with a
-KL term to a perturbed reference, sequence-level bnpo, and dapo (global token mean)."""
+KL term to a perturbed reference, sequence-level bnpo, dapo (global token mean) and grpo on the
+high-entropy half of the tokens (--top_entropy_quantile 0.5); the logged entropy."""
 
 from __future__ import annotations
 
@@ -43,3 +44,8 @@ def test_grpo_gradient_equals_transformers_autograd(oracle, layout, tmp_path):
                                        msg=lambda m: f"{case} {name}: {m}")
         if "beta" in case:
             assert result[case]["metrics"]["kl"] > 0  # the reference differs from the policy
+        # the vocab-parallel entropy (three all-reduces) against transformers' softmax at T
+        assert result[case]["metrics"]["entropy/mean"] == pytest.approx(expected["entropy"], rel=1e-5)
+        if case == "grpo_top_entropy":
+            assert result[case]["metrics"]["entropy/kept_fraction"] == pytest.approx(expected["kept"])
+            assert 0.3 < expected["kept"] < 0.7

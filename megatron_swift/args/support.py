@@ -306,9 +306,6 @@ def _grpo(args) -> Optional[str]:
                 "parallel 1 (each rank generates its slice); a larger vLLM TP needs --vllm_mode server")
     if args.kl_in_reward:
         return "argument --kl_in_reward: not built; the KL to the reference is a loss term (beta x k3)"
-    if args.log_entropy or args.top_entropy_quantile < 1.0:
-        name = "log_entropy" if args.log_entropy else "top_entropy_quantile"
-        return f"argument --{name}: entropy of the completion tokens is not computed yet"
     if args.reward_model is not None:
         return ("argument --reward_model: reward models are not built for GRPO; give --reward_funcs (built-in or "
                 "from an --external_plugins file)")

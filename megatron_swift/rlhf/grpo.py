@@ -169,11 +169,12 @@ def rollout_is_weights(old_logps: torch.Tensor, rollout_logps: torch.Tensor, mas
 
 def per_token_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, settings: GRPOLossSettings,
                    old_logps: Optional[torch.Tensor] = None, ref_logps: Optional[torch.Tensor] = None,
-                   rollout_logps: Optional[torch.Tensor] = None):
+                   rollout_logps: Optional[torch.Tensor] = None, entropy_mask: Optional[torch.Tensor] = None):
     """``logps, old_logps, ref_logps, rollout_logps [B, T]``, ``advantages [B]``, ``mask [B, T]`` (1 on
     completion tokens the loss counts) -> ``(ℓ [B, T], mask [B, T], sums)``: the per-token loss, the
     mask after off-policy sequence masking, and metric sums ``{name: (sum, count)}`` (detached).
-    ``old_logps`` None: on-policy (``sg(logps)``)."""
+    ``old_logps`` None: on-policy (``sg(logps)``). ``entropy_mask`` (``--top_entropy_quantile``): the
+    policy term only on these tokens (the KL term everywhere, as ms-swift)."""
     mask = mask.to(logps.dtype)
     old = logps.detach() if old_logps is None else old_logps
     adv = advantages.to(logps.dtype).unsqueeze(-1)
@@ -215,6 +216,8 @@ def per_token_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Te
     else:
         raise ValueError(f"unknown GRPO loss_type {kind!r}; expected one of {GRPO_LOSS_TYPES}")
     loss = loss.expand_as(mask) if loss.shape != mask.shape else loss
+    if entropy_mask is not None:
+        loss = loss * entropy_mask.to(loss.dtype)
     if settings.beta != 0.0:
         if ref_logps is None:
             raise ValueError("beta != 0 needs the reference log-probs")
@@ -278,3 +281,13 @@ def mismatch_sums(train_logps: torch.Tensor, rollout_logps: torch.Tensor, mask: 
         "rollout/log_ppl_abs_diff": (seq.abs().sum(), torch.tensor(float(d.shape[0]))),
         "rollout/chi2_token": (((torch.exp(d_safe) ** 2 - 1) * mask).sum(), tokens),
     }
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
+    """``--top_entropy_quantile q`` (Wang et al. 2025, "Beyond the 80/20 rule"): 1 on the completion tokens
+    whose entropy is at least the ``1 - q`` quantile of the micro batch's completion tokens."""
+    values = entropy[mask.bool()].float()
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values, 1 - quantile)
+    return (entropy >= threshold).to(mask.dtype) * mask

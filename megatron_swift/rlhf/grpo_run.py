@@ -107,7 +107,8 @@ def build_grpo(args, settings, ddp_chunks: list, config, gpt_settings, hf_config
         reference = reference_for(settings, ddp_chunks, hf_config, overrides, where, model_dir=model_dir,
                                   policy_is_start=not resumed)
     objective = GRPOObjective(grpo.loss, grpo.temperature, gpt_settings.vocab_size, reference,
-                              log_mismatch=grpo.rollout_logps_used)
+                              log_mismatch=grpo.rollout_logps_used, log_entropy=grpo.log_entropy,
+                              top_entropy_quantile=grpo.top_entropy_quantile)
     prepared, tokenizer = data.prepared, data.tokenizer
     prompts_per_step = grpo.generation_batch_size // grpo.num_generations
     source = PromptSource(prepared.train, prompts_per_step, shuffle=prepared.shuffle, seed=prepared.seed)

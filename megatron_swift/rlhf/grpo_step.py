@@ -36,8 +36,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .grpo import GRPOLossSettings, advantages, mismatch_sums, per_token_loss, reduce_loss, reward_statistics
-from .logprobs import IGNORE_INDEX, token_logps
+from .grpo import (GRPOLossSettings, advantages, high_entropy_mask, mismatch_sums, per_token_loss, reduce_loss,
+                   reward_statistics)
+from .logprobs import IGNORE_INDEX, token_entropy, token_logps
 from .reference import _model_inputs
 
 logger = logging.getLogger("megatron_swift")
@@ -99,16 +100,32 @@ def completion_logps(logits: torch.Tensor, batch: dict, temperature: float, voca
 GRPO_STEP_METRICS = ("kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                      "cispo_clip_ratio", "rollout_correction/is_weight_mean", "rollout_correction/clipped_frac",
                      "off_policy_masked_frac", "rollout/kl", "rollout/k3_kl", "rollout/abs_diff",
-                     "rollout/log_ppl_abs_diff", "rollout/chi2_token")
+                     "rollout/log_ppl_abs_diff", "rollout/chi2_token", "entropy/mean", "entropy/kept_fraction")
+
+
+def completion_entropy(logits: torch.Tensor, batch: dict, temperature: float, vocab_size: int) -> torch.Tensor:
+    """``[n, T]`` entropy of the policy at ``temperature`` where each completion token was predicted."""
+    flat = token_entropy(logits / temperature, vocab_size).reshape(-1)
+    return flat[batch["token_index"]] * batch["completion_mask"]
 
 
 def grpo_loss_func(batch: dict, settings: GRPOLossSettings, temperature: float, vocab_size: int,
-                   log_mismatch: bool, per_token_contract: bool, logits: torch.Tensor):
-    logps = completion_logps(logits, batch, temperature, vocab_size)
+                   log_mismatch: bool, per_token_contract: bool, entropy: tuple, logits: torch.Tensor):
+    log_entropy, top_quantile = entropy
     mask = batch["completion_mask"]
+    entropy_mask, sums_entropy = None, {}
+    if log_entropy or top_quantile < 1.0:  # before the log-probs: megatron's CE works on its input in place
+        ent = completion_entropy(logits, batch, temperature, vocab_size)
+        sums_entropy["entropy/mean"] = ((ent * mask).sum(), mask.sum())
+        if top_quantile < 1.0:
+            entropy_mask = high_entropy_mask(ent, mask, top_quantile)
+            sums_entropy["entropy/kept_fraction"] = (entropy_mask.sum(), mask.sum())
+    logps = completion_logps(logits, batch, temperature, vocab_size)
     rollout = batch.get("rollout_logps")
     loss, mask, sums = per_token_loss(logps, batch["advantages"], mask, settings, old_logps=batch.get("old_logps"),
-                                      ref_logps=batch.get("ref_logps"), rollout_logps=rollout)
+                                      ref_logps=batch.get("ref_logps"), rollout_logps=rollout,
+                                      entropy_mask=entropy_mask)
+    sums.update(sums_entropy)
     if log_mismatch and rollout is not None:  # the trainer at the weights that sampled (π_old) vs the engine
         old = batch.get("old_logps")
         sums.update(mismatch_sums(logps.detach() if old is None else old, rollout, batch["completion_mask"]))
@@ -126,13 +143,14 @@ def grpo_loss_func(batch: dict, settings: GRPOLossSettings, temperature: float, 
 
 
 def grpo_forward_step(settings: GRPOLossSettings, temperature: float, vocab_size: int, log_mismatch: bool,
-                      data_iterator, model):
+                      entropy: tuple, data_iterator, model):
     batch = next(data_iterator)
     logits = model(batch["input_ids"], batch["position_ids"], **_model_inputs(model, batch))
     from megatron_swift.model import unwrap
 
     per_token = bool(unwrap(model).config.calculate_per_token_loss)
-    return logits, partial(grpo_loss_func, batch, settings, temperature, vocab_size, log_mismatch, per_token)
+    return logits, partial(grpo_loss_func, batch, settings, temperature, vocab_size, log_mismatch, per_token,
+                           entropy)
 
 
 def _store_token_logps(batch: dict, key: str, temperature: float, vocab_size: int, logits: torch.Tensor):
@@ -165,14 +183,15 @@ class GRPOObjective:
     """``--rlhf_type grpo``'s forward step; ``reference``: the frozen reference (``beta != 0``) or None."""
 
     def __init__(self, settings: GRPOLossSettings, temperature: float, vocab_size: int, reference=None,
-                 log_mismatch: bool = False):
+                 log_mismatch: bool = False, log_entropy: bool = False, top_entropy_quantile: float = 1.0):
         if settings.beta != 0.0 and reference is None:
             raise ValueError("GRPO with beta != 0 needs the reference model")
         self.settings = settings
         self.temperature = temperature
         self.vocab_size = vocab_size
         self.reference = reference
-        self.forward_step = partial(grpo_forward_step, settings, temperature, vocab_size, log_mismatch)
+        self.forward_step = partial(grpo_forward_step, settings, temperature, vocab_size, log_mismatch,
+                                    (log_entropy, top_entropy_quantile))
         self.metric_names = GRPO_STEP_METRICS
         self.rollout_metrics: dict = {}  # the last rollout's (rewards, lengths), logged with the step
 

@@ -66,6 +66,8 @@ class GRPOSettings:
     log_rollout_offpolicy_metrics: bool
     vllm: VLLMSettings
     seed: int = 42
+    log_entropy: bool = False
+    top_entropy_quantile: float = 1.0
 
     @property
     def needs_reference(self) -> bool:
@@ -105,7 +107,7 @@ def grpo_settings(args) -> GRPOSettings:
         scale_rewards=args.scale_rewards, dynamic_sample=args.dynamic_sample,
         max_resample_times=args.max_resample_times, overlong_filter=args.overlong_filter,
         log_completions=args.log_completions, log_rollout_offpolicy_metrics=args.log_rollout_offpolicy_metrics,
-        vllm=vllm, seed=args.seed)
+        vllm=vllm, seed=args.seed, log_entropy=args.log_entropy, top_entropy_quantile=args.top_entropy_quantile)
 
 
 def rlhf_settings(args) -> RLHFSettings:

@@ -26,6 +26,8 @@ CASES = {
     "grpo_beta": dict(loss_type="grpo", beta=0.04),
     "bnpo_sequence": dict(loss_type="bnpo", beta=0.0, importance_sampling_level="sequence"),
     "dapo_beta": dict(loss_type="dapo", beta=0.04, epsilon_high=0.28),
+    # --top_entropy_quantile 0.5: the policy term on each micro batch's higher-entropy half of the tokens
+    "grpo_top_entropy": dict(loss_type="grpo", beta=0.04, top_entropy_quantile=0.5),
 }
 MICRO = 2  # completions per micro batch; 4 completions -> 2 micro batches
 
@@ -63,7 +65,7 @@ def oracle(root: str) -> None:
     with open(os.path.join(root, "rollouts.json"), "w") as f:
         json.dump(spec, f)
 
-    def completion_logps(m):
+    def completion_logps(m, entropies=None):
         rows = []
         for r in spec:
             ids = torch.tensor([r["prompt"] + r["completion"]])
@@ -71,6 +73,9 @@ def oracle(root: str) -> None:
             logp = torch.log_softmax(logits.float(), -1)
             p, c = len(r["prompt"]), len(r["completion"])
             rows.append(logp[p - 1:p - 1 + c].gather(-1, torch.tensor(r["completion"]).unsqueeze(-1)).squeeze(-1))
+            if entropies is not None:
+                lp = logp[p - 1:p - 1 + c].detach()
+                entropies.append(-(lp.exp() * lp).sum(-1))
         return rows
 
     with torch.no_grad():
@@ -78,17 +83,24 @@ def oracle(root: str) -> None:
     results = {}
     for case, opts in CASES.items():
         model.zero_grad()
-        rows = completion_logps(model)
+        entropies = []
+        rows = completion_logps(model, entropies)
         beta = opts["beta"]
+        keep = [torch.ones_like(e) for e in entropies]
+        if "top_entropy_quantile" in opts:  # per micro batch: tokens at or above the (1 - q) quantile
+            for i in range(0, 4, MICRO):
+                threshold = torch.quantile(torch.cat(entropies[i:i + MICRO]), 1 - opts["top_entropy_quantile"])
+                for j in range(i, i + MICRO):
+                    keep[j] = (entropies[j] >= threshold).float()
         per_seq = []
-        for r, logp, ref_lp in zip(spec, rows, ref_rows):
+        for r, logp, ref_lp, k in zip(spec, rows, ref_rows, keep):
             a = r["advantage"]
             if opts.get("importance_sampling_level") == "sequence":
                 rho = torch.exp((logp - logp.detach()).mean()).expand_as(logp)
             else:
                 rho = torch.exp(logp - logp.detach())
             d = ref_lp - logp
-            per_seq.append(-rho * a + beta * (torch.exp(d) - d - 1))  # on-policy: nothing clips at ρ = 1
+            per_seq.append(-rho * a * k + beta * (torch.exp(d) - d - 1))  # on-policy: nothing clips at ρ = 1
         if opts["loss_type"] == "grpo":  # micro batch: mean over its completions of token means; then / M
             mbs = [torch.stack([s.mean() for s in per_seq[i:i + MICRO]]).mean() for i in range(0, 4, MICRO)]
             loss = sum(mbs) / len(mbs)
@@ -98,7 +110,9 @@ def oracle(root: str) -> None:
         else:  # dapo: token mean over the whole batch
             loss = torch.cat(per_seq).mean()
         loss.backward()
-        results[case] = {"loss": float(loss), "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()}}
+        results[case] = {"loss": float(loss), "grads": {n: p.grad.detach().clone() for n, p in model.named_parameters()},
+                         "entropy": float(torch.cat(entropies).mean()),
+                         "kept": float(torch.cat(keep).mean())}
     torch.save(results, os.path.join(root, "oracle.pt"))
 
 
@@ -146,8 +160,10 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool) -> None:
         tokens = sum(float(mb["completion_mask"].sum()) for mb in micro)
         for mb in micro:
             mb["tokens_per_share"] = tokens / len(micro)
-        objective = GRPOObjective(GRPOLossSettings(**opts), T, settings.vocab_size,
-                                  reference=reference if opts["beta"] else None)
+        loss_opts = {k: v for k, v in opts.items() if k != "top_entropy_quantile"}
+        objective = GRPOObjective(GRPOLossSettings(**loss_opts), T, settings.vocab_size,
+                                  reference=reference if opts["beta"] else None, log_entropy=True,
+                                  top_entropy_quantile=opts.get("top_entropy_quantile", 1.0))
         seq = fixed or 32
         objective.prepare(micro, seq, 1)
         for chunk in ddp:
