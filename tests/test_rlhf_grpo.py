@@ -72,6 +72,19 @@ def test_advantages_equal_numpy(estimator, scale):
         np.testing.assert_allclose(got.view(groups, k).sum(1).numpy(), 0, atol=1e-9)
 
 
+@pytest.mark.parametrize("estimator", ["grpo", "rloo", "reinforce_plus_plus"])
+def test_kl_penalty_is_subtracted_from_the_rewards(estimator):
+    gen = torch.Generator().manual_seed(4)
+    r = torch.rand(8, 2, generator=gen, dtype=torch.float64)
+    kl = torch.rand(8, generator=gen, dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    got, rewards = advantages(r, w, 4, estimator, "batch", kl_penalty=kl)
+    # the penalty as one more reward column of weight 1
+    want, want_r = numpy_advantages(torch.cat([r, -kl[:, None]], 1).numpy(), [1.0, 2.0, 1.0], 4, estimator, "batch")
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-9)
+    np.testing.assert_allclose(rewards.numpy(), want_r, rtol=1e-12)
+
+
 def test_advantages_zero_spread_group_gives_zero_and_bad_groups_raise():
     r = torch.tensor([[1.0], [1.0], [0.0], [1.0]])
     adv, _ = advantages(r, torch.ones(1), 2, "grpo", "group")

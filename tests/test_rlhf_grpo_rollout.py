@@ -80,3 +80,28 @@ def test_steps_per_generation_reuses_the_generation_with_old_logps(tmp_path):
     assert abs(losses[1][0] - losses[1][1]) > 1e-6  # the second step is off-policy
     assert ranks[0]["steps"][0]["micro_batches"][0]["input_ids"] != ranks[0]["steps"][1]["micro_batches"][0]["input_ids"]
     assert ranks[0]["steps"][1]["rollout_metrics"] == {}  # rewards are logged once per generation
+
+
+@pytest.mark.slow
+def test_kl_in_reward_subtracts_beta_kl_before_the_advantages(tmp_path):
+    """--kl_in_reward (beta 0.5): rewards - beta x Σ_t (logπ_old - logπ_ref) per completion, then the group
+    advantages; the loss has no KL term (on-policy dapo: -Σ A·len / Σ len)."""
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.template.tiny_tokenizer import make_tiny_tokenizer
+
+    root = tmp_path / "root"
+    make_tiny_tokenizer(str(root / "hf"), "qwen3")
+    tiny_hf_config("qwen3").save_pretrained(str(root / "hf"))
+    torchrun(WORKER, 2, ["--root", root, "--out", tmp_path / "out", "--kl_in_reward"], timeout=240)
+    ranks = [json.load(open(tmp_path / "out" / f"rank{r}.json")) for r in (0, 1)]
+    mbs = [mb for rec in ranks for mb in rec["micro_batches"]]
+    lengths = np.array([x for mb in mbs for x in mb["lengths"]])
+    advs = np.array([x for mb in mbs for x in mb["advantages"]])
+    kl = np.array([x for mb in mbs for x in mb["kl"]])
+    assert np.abs(kl).max() > 1e-3  # the reference differs from the policy
+    groups = ((lengths % 2 == 0).astype(float) - 0.5 * kl).reshape(-1, 4)
+    want = ((groups - groups.mean(1, keepdims=True)) / (groups.std(1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
+    np.testing.assert_allclose(advs, want, rtol=1e-4, atol=1e-5)
+    assert ranks[0]["loss"] == pytest.approx(-(advs * lengths).sum() / lengths.sum(), abs=1e-6)
+    assert "kl" not in ranks[0]["metrics"] and ranks[0]["rollout_metrics"]["kl_in_reward/kl"] == \
+        pytest.approx(kl.mean(), rel=1e-4)

@@ -304,8 +304,9 @@ def _grpo(args) -> Optional[str]:
     if args.vllm_mode == "colocate" and args.vllm_tensor_parallel_size != 1:
         return ("argument --vllm_tensor_parallel_size: colocated vLLM runs one engine per training rank with tensor "
                 "parallel 1 (each rank generates its slice); a larger vLLM TP needs --vllm_mode server")
-    if args.kl_in_reward:
-        return "argument --kl_in_reward: not built; the KL to the reference is a loss term (beta x k3)"
+    if args.kl_in_reward and (args.beta == 0 or args.scale_rewards == "gdpo"):
+        why = "--beta 0 has no reference" if args.beta == 0 else "--scale_rewards gdpo normalises each reward alone"
+        return f"argument --kl_in_reward: {why}"
     if args.reward_model is not None:
         return ("argument --reward_model: reward models are not built for GRPO; give --reward_funcs (built-in or "
                 "from an --external_plugins file)")

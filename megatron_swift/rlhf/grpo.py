@@ -72,7 +72,7 @@ class GRPOLossSettings:
 # ------------------------------------------------------------------------------------------ advantages
 
 def advantages(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, num_generations: int,
-               estimator: str = "grpo", scale_rewards: str = "group"):
+               estimator: str = "grpo", scale_rewards: str = "group", kl_penalty: Optional[torch.Tensor] = None):
     """``rewards_per_func [N, F]`` (the whole generation batch, prompt-major groups of ``num_generations``;
     NaN: that function gave no reward for that completion) -> ``(advantages [N], rewards [N])``.
 
@@ -81,13 +81,16 @@ def advantages(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, num
     ``std + 1e-4`` (unbiased std): the group's rewards (``group``), the batch's (``batch``) or nothing
     (``none``); reinforce++ divides by the std of the advantages themselves. ``gdpo``: each function
     normalised within its groups (``(r - mean)/(std + 1e-8)``), weighted, summed, then normalised over
-    the batch."""
+    the batch. ``kl_penalty [N]`` (``--kl_in_reward``: ``beta x Σ_t (logπ_old - logπ_ref)``) is subtracted
+    from ``R`` before the baseline (not with gdpo, as ms-swift)."""
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(f"unknown advantage_estimator {estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")
     if scale_rewards not in SCALE_REWARDS:
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}; expected one of {SCALE_REWARDS}")
     k = num_generations
     rewards = (rewards_per_func * reward_weights.to(rewards_per_func).unsqueeze(0)).nansum(dim=1)
+    if kl_penalty is not None and scale_rewards != "gdpo":
+        rewards = rewards - kl_penalty.to(rewards)
     if rewards.numel() % k:
         raise ValueError(f"{rewards.numel()} completions are not groups of num_generations={k}")
     grouped = rewards.view(-1, k)

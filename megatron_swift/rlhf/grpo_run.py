@@ -9,6 +9,7 @@ this install has the one ``--vllm_mode`` asks for.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -106,9 +107,11 @@ def build_grpo(args, settings, ddp_chunks: list, config, gpt_settings, hf_config
 
         reference = reference_for(settings, ddp_chunks, hf_config, overrides, where, model_dir=model_dir,
                                   policy_is_start=not resumed)
-    objective = GRPOObjective(grpo.loss, grpo.temperature, gpt_settings.vocab_size, reference,
-                              log_mismatch=grpo.rollout_logps_used, log_entropy=grpo.log_entropy,
-                              top_entropy_quantile=grpo.top_entropy_quantile)
+    # --kl_in_reward: the KL goes into the rewards (the rollout fills the reference's log-probs), not the loss
+    loss = dataclasses.replace(grpo.loss, beta=0.0) if grpo.kl_in_reward else grpo.loss
+    objective = GRPOObjective(loss, grpo.temperature, gpt_settings.vocab_size,
+                              None if grpo.kl_in_reward else reference, log_mismatch=grpo.rollout_logps_used,
+                              log_entropy=grpo.log_entropy, top_entropy_quantile=grpo.top_entropy_quantile)
     prepared, tokenizer = data.prepared, data.tokenizer
     prompts_per_step = grpo.generation_batch_size // grpo.num_generations
     source = PromptSource(prepared.train, prompts_per_step, shuffle=prepared.shuffle, seed=prepared.seed)
@@ -126,7 +129,7 @@ def build_grpo(args, settings, ddp_chunks: list, config, gpt_settings, hf_config
                           ddp_chunks, export_weights=weight_exporter(config, gpt_settings),
                           to_device=lambda b: move_batch(b, device),
                           completions_path=os.path.join(save_dir, "completions.jsonl") if save_dir else None,
-                          eos_token_ids=eos)
+                          eos_token_ids=eos, reference=reference)
     seq_length = collator.fixed_length or (args.max_length or 0) + grpo.max_completion_length
     rollout.seq_length = seq_length
     if resumed:  # the engine holds --model's weights; the policy resumed from a checkpoint

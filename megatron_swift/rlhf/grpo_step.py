@@ -268,7 +268,8 @@ class GRPORollout:
     def __init__(self, settings, engine, prompts: PromptSource, reward_funcs: list, reward_names: list,
                  collator, micro_batch_size: int, tokenizer, objective: GRPOObjective, ddp_chunks: list,
                  export_weights: Optional[Callable] = None, to_device: Callable = lambda b: b,
-                 completions_path: Optional[str] = None, eos_token_ids: tuple = (), seq_length: int = 0):
+                 completions_path: Optional[str] = None, eos_token_ids: tuple = (), seq_length: int = 0,
+                 reference=None):
         self.s = settings  # rlhf/settings.py GRPOSettings
         self.engine = engine
         self.prompts = prompts
@@ -287,6 +288,7 @@ class GRPORollout:
         self.resampled_fraction = 0.0
         self.seq_length = seq_length  # the schedule's (pipeline parallelism: the fixed THD length)
         self._buffer = None  # (generation index, its micro batches)
+        self.reference = reference  # --kl_in_reward: the reference's log-probs enter the rewards
 
     def sampling(self, step: int):
         from megatron_swift.rollout.engine import SamplingSettings
@@ -421,14 +423,12 @@ class GRPORollout:
         torch.distributed.all_gather(everything, local.to(device), group=dp)
         table = torch.cat(everything).cpu()
         weights = torch.tensor(self.s.reward_weights, dtype=torch.float64)
-        adv, total = advantages(table, weights, g, self.s.advantage_estimator, self.s.scale_rewards)
         mine = slice(dp_rank * len(rollouts), (dp_rank + 1) * len(rollouts))
-        for r, a in zip(rollouts, adv[mine].tolist()):
-            r.advantage = a
         micro = [self.to_device(collate_rollouts(rollouts[i:i + self.micro_batch_size], self.collator,
                                                  self.s.overlong_filter))
                  for i in range(0, len(rollouts), self.micro_batch_size)]
-        if self.s.steps_per_generation * self.s.num_iterations > 1:  # off-policy steps follow: keep π_old
+        off_policy = self.s.steps_per_generation * self.s.num_iterations > 1
+        if off_policy or self.s.kl_in_reward:  # π_old: off-policy steps follow, or the KL enters the rewards
             for chunk in self.ddp_chunks:
                 chunk.eval()
             try:
@@ -437,8 +437,43 @@ class GRPORollout:
             finally:
                 for chunk in self.ddp_chunks:
                     chunk.train()
+        kl_penalty = None
+        if self.s.kl_in_reward:
+            kl_penalty = self._kl_penalty(micro, dp, dp_size, device)
+            if not off_policy:  # on-policy steps take sg(logπ) (the same numbers) without the stored copy
+                for mb in micro:
+                    mb.pop("old_logps", None)
+        adv, total = advantages(table, weights, g, self.s.advantage_estimator, self.s.scale_rewards,
+                                kl_penalty=kl_penalty)
+        for mb, start in zip(micro, range(0, len(rollouts), self.micro_batch_size)):
+            n = mb["num_sequences"]
+            mb["advantages"] = adv[mine][start:start + n].to(torch.float32).to(mb["completion_mask"].device)
+        for r, a in zip(rollouts, adv[mine].tolist()):
+            r.advantage = a
         self._log_step(step, table, total, rollouts, rows, adv[mine], sync_seconds, generate_seconds, dp, device)
+        if kl_penalty is not None:
+            self.objective.rollout_metrics["kl_in_reward/kl"] = float(kl_penalty.mean()) / self.s.loss.beta
         return micro
+
+    def _kl_penalty(self, micro: list, dp, dp_size: int, device) -> torch.Tensor:
+        """``--kl_in_reward``: ``beta x Σ_t (logπ_old - logπ_ref)`` per completion of the whole generation
+        batch. The log-probs live on the last pipeline stage; the sums reach every stage by a sum over
+        the pipeline group (zeros elsewhere), then every data-parallel rank's are gathered."""
+        from megatron.core import parallel_state as ps
+
+        fill_token_logps(self.reference.chunks, micro, self.seq_length, 1, "ref_logps",
+                         self.s.temperature, self.objective.vocab_size)
+        parts = []
+        for mb in micro:
+            if "old_logps" in mb and "ref_logps" in mb:
+                parts.append(((mb["old_logps"] - mb["ref_logps"]) * mb["completion_mask"]).sum(-1).double())
+            else:
+                parts.append(torch.zeros(mb["num_sequences"], dtype=torch.float64, device=device))
+        local = torch.cat(parts).to(device)
+        torch.distributed.all_reduce(local, group=ps.get_pipeline_model_parallel_group())
+        everything = [torch.zeros_like(local) for _ in range(dp_size)]
+        torch.distributed.all_gather(everything, local, group=dp)
+        return self.s.loss.beta * torch.cat(everything).cpu()
 
     def _share_tokens(self, micro: list, dp, dp_size: int) -> None:
         """dapo / cispo: the global batch's completion tokens / (micro batches x DP ranks), per micro batch."""

@@ -68,6 +68,7 @@ class GRPOSettings:
     seed: int = 42
     log_entropy: bool = False
     top_entropy_quantile: float = 1.0
+    kl_in_reward: bool = False  # beta x KL(old || ref) subtracted from the rewards; no KL loss term
 
     @property
     def needs_reference(self) -> bool:
@@ -107,7 +108,8 @@ def grpo_settings(args) -> GRPOSettings:
         scale_rewards=args.scale_rewards, dynamic_sample=args.dynamic_sample,
         max_resample_times=args.max_resample_times, overlong_filter=args.overlong_filter,
         log_completions=args.log_completions, log_rollout_offpolicy_metrics=args.log_rollout_offpolicy_metrics,
-        vllm=vllm, seed=args.seed, log_entropy=args.log_entropy, top_entropy_quantile=args.top_entropy_quantile)
+        vllm=vllm, seed=args.seed, log_entropy=args.log_entropy, top_entropy_quantile=args.top_entropy_quantile,
+        kl_in_reward=args.kl_in_reward)
 
 
 def rlhf_settings(args) -> RLHFSettings:

@@ -48,6 +48,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--dynamic_sample", action="store_true")
     p.add_argument("--steps_per_generation", type=int, default=1)
+    p.add_argument("--kl_in_reward", action="store_true")
     a = p.parse_args()
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -84,27 +85,45 @@ def main():
                             "extra": [json.dumps({"solution": str(i)}) for i in range(16)]})
     g, gbs, mbs = 4, 16, 2
     spg = a.steps_per_generation
-    grpo = GRPOSettings(loss=GRPOLossSettings(loss_type="dapo", beta=0.0), num_generations=g,
+    beta = 0.5 if a.kl_in_reward else 0.0
+    reference = None
+    if a.kl_in_reward:  # a reference a little away from the policy
+        from megatron_swift.rlhf.reference import build_reference
+
+        reference = build_reference(ddp, hf, dict(calculate_per_token_loss=False), "test")
+        with torch.no_grad():
+            for chunk in reference.chunks:
+                for q in chunk.parameters():
+                    q.add_(torch.randn(q.shape, generator=torch.Generator().manual_seed(q.numel())) * 0.05)
+    grpo = GRPOSettings(loss=GRPOLossSettings(loss_type="dapo", beta=beta), num_generations=g, kl_in_reward=a.kl_in_reward,
                         generation_batch_size=gbs * spg, steps_per_generation=spg, num_iterations=1, temperature=1.0, max_completion_length=4, top_k=-1, top_p=1.0,
                         repetition_penalty=1.0, reward_funcs=("even_length",), reward_weights=(1.0,),
                         advantage_estimator="grpo", scale_rewards="group", dynamic_sample=a.dynamic_sample,
                         max_resample_times=3, overlong_filter=False, log_completions=True,
                         log_rollout_offpolicy_metrics=True, vllm=VLLMSettings(mode="colocate"))
-    objective = GRPOObjective(grpo.loss, 1.0, settings.vocab_size, None, log_mismatch=True)
+    objective = GRPOObjective(GRPOLossSettings(loss_type="dapo", beta=0.0), 1.0, settings.vocab_size, None,
+                              log_mismatch=True)
     engine = ScriptedEngine()
     rollout = GRPORollout(grpo, engine, PromptSource(ds, gbs * spg // g, shuffle=True, seed=5),
                           resolve_reward_funcs(["even_length"], types.SimpleNamespace()), ["even_length"],
                           Collator(pad_token_id=0), mbs, tokenizer, objective, ddp,
-                          completions_path=os.path.join(a.out, "completions.jsonl") if rank == 0 else None)
+                          completions_path=os.path.join(a.out, "completions.jsonl") if rank == 0 else None,
+                          reference=reference)
     steps = []
     for step in range(spg):
         micro = rollout.batches_for_step(step)
+        if a.kl_in_reward:  # the policy's log-probs now (= π_old), for the test's own KL
+            from megatron_swift.rlhf.grpo_step import fill_token_logps
+
+            fill_token_logps(ddp, micro, 64, 1, "check_logps", 1.0, settings.vocab_size)
         result = train_step(ddp, optimizer, iter(micro), len(micro), 64, 1, loss_tokens=step_loss_tokens(micro),
                             objective=objective)
         steps.append({
             "engine_calls": engine.calls,
             "micro_batches": [{"advantages": mb["advantages"].tolist(), "lengths": mb["completion_lengths"].tolist(),
                                "tokens_per_share": mb["tokens_per_share"], "has_old_logps": "old_logps" in mb,
+                               "kl": ((mb["check_logps"] - mb["ref_logps"]) * mb["completion_mask"]).sum(-1).tolist()
+                               if "ref_logps" in mb else None,
                                "input_ids": mb["input_ids"].tolist(), "token_index": mb["token_index"].tolist(),
                                "mask": mb["completion_mask"].tolist(), "labels": mb["labels"].tolist()}
                               for mb in micro],
