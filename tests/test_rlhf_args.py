@@ -99,7 +99,9 @@ def test_grpo_batch_rules_name_the_numbers(model_and_data):
     assert "8 completions are 1 prompts x 8 generations" in message and "multiple of 2" in message
     assert "--ref_model" in error(model_and_data, *base, "--global_batch_size", "8", "--beta", "0",
                                   "--ref_model", "m")
-    assert "--kl_in_reward" in error(model_and_data, *base, "--global_batch_size", "8", "--kl_in_reward", "true")
+    assert "--kl_in_reward: --beta 0" in error(model_and_data, *base, "--global_batch_size", "8", "--kl_in_reward",
+                                               "true", "--beta", "0")
+    assert rlhf_settings(rlhf(model_and_data, *base, "--global_batch_size", "8", "--kl_in_reward", "true")).grpo.kl_in_reward
     assert "--split_dataset_ratio" in error(model_and_data, *base, "--global_batch_size", "8",
                                             "--split_dataset_ratio", "0.1")
     assert rlhf(model_and_data, *base, "--global_batch_size", "8").split_dataset_ratio == 0.0

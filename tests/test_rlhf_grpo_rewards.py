@@ -102,7 +102,8 @@ def grpo_cli(tmp_path):
      ["--reward_weights", "2 weights for 1"]),
     (["--reward_funcs", "accuracy", "--global_batch_size", "8", "--generation_batch_size", "12"],
      ["--generation_batch_size (12)", "multiple of --global_batch_size (8)"]),
-    (["--reward_funcs", "accuracy", "--global_batch_size", "8", "--kl_in_reward", "true"], ["--kl_in_reward"]),
+    (["--reward_funcs", "accuracy", "--global_batch_size", "8", "--kl_in_reward", "true", "--scale_rewards", "gdpo"],
+     ["--kl_in_reward", "gdpo"]),
     (["--reward_funcs", "accuracy", "--global_batch_size", "8", "--loss_type", "cispo"], ["--epsilon_high"]),
 ])
 def test_grpo_bad_input_refused_before_workers(grpo_cli, extra, names):
