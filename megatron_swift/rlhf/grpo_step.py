@@ -290,7 +290,7 @@ class GRPORollout:
         self._buffer = None  # (generation index, its micro batches)
         self.reference = reference  # --kl_in_reward: the reference's log-probs enter the rewards
 
-    def sampling(self, step: int):
+    def sampling(self):
         from megatron_swift.rollout.engine import SamplingSettings
 
         return SamplingSettings(max_tokens=self.s.max_completion_length, temperature=self.s.temperature,
@@ -307,7 +307,7 @@ class GRPORollout:
         size, rank = torch.distributed.get_world_size(mp), torch.distributed.get_rank(mp)
         per = -(-len(prompt_ids) // size)
         mine = prompt_ids[rank * per:(rank + 1) * per]
-        out = self.engine.generate(mine, self.sampling(step), n=self.s.num_generations) if mine else []
+        out = self.engine.generate(mine, self.sampling(), n=self.s.num_generations) if mine else []
         if len(out) != len(mine) * self.s.num_generations:
             raise RuntimeError(f"the rollout engine returned {len(out)} completions for {len(mine)} prompts x "
                                f"{self.s.num_generations}")
