@@ -142,7 +142,8 @@ def iter_hf_weights(chunks: list, config, settings, *, everywhere: bool = False,
     layer is not yielded (HF reads it from the embedding). ``dtype``: cast each yielded tensor.
     ``params`` supplies parameter values (default: the chunks' own; ``mcore_io.CheckpointParams``
     loads them group by group from a dist checkpoint). Tensors in flight: one group of at most
-    ``group_bytes`` of parameters (one layer, or part of it).
+    ``group_bytes`` of parameters (one layer, or part of it). A yielded tensor may be a view of a live
+    parameter (unsharded, no cast): copy it to keep it past the next optimizer step.
     """
     params = params or LiveParams()
     mapping = mapping_of(settings)

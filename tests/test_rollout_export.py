@@ -44,21 +44,40 @@ def test_every_tensor_streams_bit_exact(family, overrides, tmp_path, megatron_wo
     assert all(t.dtype == torch.bfloat16 and torch.equal(t, want[k].bfloat16()) for k, t in halves.items())
 
 
-@pytest.mark.slow  # three 2-process gloo jobs
-@pytest.mark.parametrize("family, layout", [("qwen3", {"tp": 2}), ("qwen3", {"pp": 2}), ("qwen3_moe", {"ep": 2})])
-def test_every_rank_gets_every_tensor(family, layout, tmp_path):
-    hf_dir = save_tiny(family, tmp_path / "hf", seed=4)
+@pytest.mark.slow  # one 2-process gloo job, three layouts
+def test_every_rank_gets_every_tensor(tmp_path):
+    dense, moe = save_tiny("qwen3", tmp_path / "dense", seed=4), save_tiny("qwen3_moe", tmp_path / "moe", seed=4)
+    plan = [{"hf": dense, "layout": {"tp": 2}}, {"hf": dense, "layout": {"pp": 2}}, {"hf": moe, "layout": {"ep": 2}}]
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = tmp_path / "out"
     out.mkdir()
-    torchrun(TESTS / "parallel" / "export_iter_worker.py", 2, [hf_dir, json.dumps(layout), out], timeout=300)
-    want = sorted(hf_tensors(hf_dir))
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    for r, result in enumerate(ranks):
-        assert result["keys"] == want and result["mismatched"] == [], (r, result["mismatched"])
-    # the default iteration (the file writer's) hands each tensor to exactly one rank
-    firsts = ranks[0]["first_rank_only"] + ranks[1]["first_rank_only"]
-    assert sorted(firsts) == want
-    if "pp" in layout:
-        assert ranks[0]["first_rank_only"] and ranks[1]["first_rank_only"]  # each stage writes its own
-    else:
-        assert ranks[1]["first_rank_only"] == []
+    torchrun(TESTS / "parallel" / "export_iter_worker.py", 2, [tmp_path / "plan.json", out], timeout=300)
+    for i, step in enumerate(plan):
+        want = sorted(hf_tensors(step["hf"]))
+        ranks = [json.loads((out / f"step{i}_rank{r}.json").read_text()) for r in range(2)]
+        for r, result in enumerate(ranks):
+            assert result["keys"] == want and result["mismatched"] == [], (step, r, result["mismatched"])
+        # the default iteration (the file writer's) hands each tensor to exactly one rank
+        assert sorted(ranks[0]["first_rank_only"] + ranks[1]["first_rank_only"]) == want, step
+        if "pp" in step["layout"]:
+            assert ranks[0]["first_rank_only"] and ranks[1]["first_rank_only"]  # each stage writes its own
+        else:
+            assert ranks[1]["first_rank_only"] == [], step
+
+
+def test_sync_weights_hands_the_whole_model_to_the_engine(tmp_path, megatron_world1):
+    from megatron_swift.rollout.weight_sync import sync_weights
+
+    class Recorder:  # an engine that keeps what it is given
+        def update_weights(self, weights):
+            self.got = {k: t.clone() for k, t in weights}
+            return 1.5
+
+    hf_dir = save_tiny("qwen3", tmp_path / "hf")
+    chunks, config, settings = _loaded(hf_dir)
+    engine = Recorder()
+    assert sync_weights(engine, chunks, config, settings, dtype=torch.bfloat16) == 1.5
+    want = hf_tensors(hf_dir)
+    assert sorted(engine.got) == sorted(want)
+    assert all(torch.equal(t, want[k].bfloat16()) for k, t in engine.got.items())
+    assert sync_weights(None, chunks, config, settings) == 0.0

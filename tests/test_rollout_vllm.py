@@ -153,3 +153,24 @@ def test_prompts_longer_than_the_engine_allows_are_named(engine):
 
     with pytest.raises(ValueError, match="prompt 1: 120 tokens.*--vllm_max_model_len 128"):
         engine.generate([[1, 2], [3] * 120], SamplingSettings(max_tokens=16))
+
+
+@pytest.mark.slow  # a 2-process gloo job, one vLLM engine per rank
+def test_every_training_rank_syncs_its_own_engine(tmp_path):
+    """TP2 training (PP2 passes too, ~50 s more; the export's PP broadcast is checked bit-exact in
+    tests/test_rollout_export.py)."""
+    import json
+
+    from helpers import TESTS, torchrun
+
+    from megatron_swift.demo import prepare_model
+
+    hf_dir = prepare_model(str(tmp_path / "qwen3"), "qwen3", seed=3)
+    out = tmp_path / "out"
+    out.mkdir()
+    torchrun(TESTS / "parallel" / "rollout_colocate_worker.py", 2, [hf_dir, json.dumps({"tp": 2}), out], timeout=600)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in ranks:
+        assert r["max_diff"] <= TOL and r["stale_diff"] > 1e-2, r
+    assert ranks[0]["weights_sum"] == ranks[1]["weights_sum"]  # both engines got the same whole model
+    assert ranks[0]["tokens"] != ranks[1]["tokens"]  # seed + rank: different samples per rank

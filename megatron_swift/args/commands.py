@@ -9,7 +9,7 @@ from typing import Dict, Optional
 from megatron_swift.args._fields import TypeInfo, override, type_info
 from megatron_swift.args.sections import (BaseArguments, DataArguments, DerivedArguments, ExportArguments,
                                           MegatronArguments, ModelArguments, ParallelArguments, RLHFArguments,
-                                          TemplateArguments, TunerArguments)
+                                          RolloutServerArguments, TemplateArguments, TunerArguments)
 
 
 class _ArgsMixin:
@@ -56,6 +56,11 @@ class ExportCommandArguments(_ArgsMixin, DerivedArguments, BaseArguments, ModelA
     """``megatron export``: HF <-> mcore conversion, LoRA merge, precision check."""
 
 
+@dataclass
+class RolloutCommandArguments(_ArgsMixin, DerivedArguments, RolloutServerArguments):
+    """``megatron rollout``: serve a model with vLLM for GRPO's server mode."""
+
+
 TRAINING_COMMANDS = ("pt", "sft", "rlhf")
 
 COMMANDS: Dict[str, type] = {
@@ -63,6 +68,7 @@ COMMANDS: Dict[str, type] = {
     "sft": SftArguments,
     "rlhf": RLHFCommandArguments,
     "export": ExportCommandArguments,
+    "rollout": RolloutCommandArguments,
 }
 
 COMMAND_HELP = {
@@ -70,6 +76,7 @@ COMMAND_HELP = {
     "sft": "supervised fine-tuning",
     "rlhf": "preference / RL training (--rlhf_type dpo|kto|rm|grpo|...)",
     "export": "convert HF <-> mcore (--to_mcore / --to_hf), merge LoRA, check precision",
+    "rollout": "serve a model with vLLM for megatron rlhf --vllm_mode server (generation + weight updates)",
 }
 
 SECTIONS = {
@@ -80,6 +87,7 @@ SECTIONS = {
     "rlhf": (BaseArguments, ModelArguments, DataArguments, TemplateArguments, ParallelArguments, MegatronArguments,
              TunerArguments, RLHFArguments),
     "export": (BaseArguments, ModelArguments, ParallelArguments, ExportArguments),
+    "rollout": (RolloutServerArguments,),
 }
 
 _TRAIN_ALIASES = {
@@ -104,6 +112,7 @@ ALIASES: Dict[str, Dict[str, str]] = {
     "rlhf": dict(_TRAIN_ALIASES, teather_model="teacher_model", mcore_ref_model="ref_load",
                  mcore_ref_adapter="ref_adapter_load"),
     "export": {"ddp_backend": "distributed_backend"},
+    "rollout": {},
 }
 
 # Names users bring from ms-swift's transformers-based trainer: shown as hints for unknown arguments.
@@ -152,5 +161,6 @@ def field_section(command: str, name: str) -> Optional[type]:
 
 _FIELD_CACHE: Dict[str, Dict[str, tuple]] = {}
 
-__all__ = ["SftArguments", "PtArguments", "RLHFCommandArguments", "ExportCommandArguments", "COMMANDS", "SECTIONS",
+__all__ = ["SftArguments", "PtArguments", "RLHFCommandArguments", "ExportCommandArguments", "RolloutCommandArguments",
+           "COMMANDS", "SECTIONS",
            "ALIASES", "TRAINING_COMMANDS", "COMMAND_HELP", "command_class", "field_infos", "field_section", "TypeInfo"]

@@ -481,6 +481,24 @@ class ExportArguments:
 
 
 @dataclass
+class RolloutServerArguments:
+    """``megatron rollout``: a vLLM generation server for ``megatron rlhf --vllm_mode server``."""
+    model: Optional[str] = arg(None, help="Local Hugging Face model directory served (initial weights, tokenizer).")
+    host: str = arg("127.0.0.1", help="Address to listen on (0.0.0.0: every interface).")
+    port: int = arg(8000, ge=1, le=65535, help="Port to listen on.")
+    seed: int = arg(42, help="Sampling seed of the engine.")
+    torch_dtype: Optional[str] = arg(None, choices=DTYPES, value_aliases=DTYPE_ALIASES,
+                                     help="Weight dtype; default: read from config.json.")
+    vllm_max_model_len: Optional[int] = arg(None, ge=1, help="Longest prompt + completion; default: the model's "
+                                                            "max_position_embeddings.")
+    vllm_gpu_memory_utilization: float = arg(0.9, gt=0.0, le=1.0, help="GPU memory fraction (on CPU: a cap on the "
+                                                                       "KV cache, as a fraction of free host memory).")
+    vllm_tensor_parallel_size: int = arg(1, ge=1, help="vLLM tensor parallel size (1 is built).")
+    vllm_enforce_eager: bool = arg(False, help="No CUDA graphs.")
+    vllm_max_num_seqs: int = arg(64, ge=1, help="Sequences generated at once.")
+
+
+@dataclass
 class DerivedArguments:
     """Filled by validation; not settable from the command line or a config file."""
     command: str = derived("", help="The command (pt, sft, rlhf, export).")
@@ -503,4 +521,5 @@ SECTION_TITLES = {
     TunerArguments: "Tuner (LoRA / freezing) arguments",
     RLHFArguments: "RLHF arguments",
     ExportArguments: "Export arguments",
+    RolloutServerArguments: "Rollout server arguments",
 }

@@ -31,6 +31,9 @@ def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None,
     work could invalidate (an export output_dir that rank 0 already created) run on rank 0 only.
     ``caps`` (what this machine can run) is detected from ``env`` unless given (tests play a GPU host).
     """
+    if args.command == "rollout":
+        _check_rollout_server(args)
+        return
     training = args.command in ("pt", "sft", "rlhf")
     caps = caps or Capabilities.detect(env)
     if training:
@@ -64,6 +67,18 @@ def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None,
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+def _check_rollout_server(args) -> None:
+    """``megatron rollout``: a local model directory, and only what the server builds."""
+    if not args.model:
+        raise ArgumentError("megatron rollout: --model is required (a local Hugging Face model directory)")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ArgumentError(f"--model {args.model}: not a local Hugging Face model directory (no config.json)")
+    if args.vllm_tensor_parallel_size != 1:
+        raise ArgumentError(f"--vllm_tensor_parallel_size {args.vllm_tensor_parallel_size}: the rollout server runs "
+                            "one in-process vLLM engine (tensor parallel 1); start several servers for more")
+
+
 
 def _divisors(n: int) -> List[int]:
     return [d for d in range(1, n + 1) if n % d == 0]

@@ -1,9 +1,10 @@
-"""``megatron <pt|sft|rlhf|export> [args...]``.
+"""``megatron <pt|sft|rlhf|export|rollout> [args...]``.
 
 Parses and validates the arguments (no torch / megatron-core import), relaunches under torchrun
 when ``NPROC_PER_NODE``/``NNODES`` ask for it, then dispatches: ``pt``/``sft`` call
 ``megatron_swift.trainer.run_training(args)``, ``export`` calls ``megatron_swift.export.run_export(args)``;
-``rlhf`` (DPO, KTO) runs the trainer with its objective (megatron_swift/rlhf).
+``rlhf`` (DPO, KTO) runs the trainer with its objective (megatron_swift/rlhf); ``rollout`` serves a model
+with vLLM for GRPO's server mode (megatron_swift/rollout/server.py).
 Argument errors print ``megatron <cmd>: error: <message>`` to stderr and exit with code 2.
 """
 from __future__ import annotations
@@ -49,13 +50,17 @@ def dispatch(command: str, args) -> int:
         from megatron_swift.export import run_export
 
         return run_export(args)
+    if command == "rollout":
+        from megatron_swift.rollout.server import run_server
+
+        return run_server(args)
     return _run_training(command, args)
 
 
 def run(argv: List[str]) -> int:
     if not argv:
         sys.stderr.write(format_main_help(__version__))
-        return _error("megatron", "a command is required (pt, sft, rlhf or export)")
+        return _error("megatron", "a command is required (pt, sft, rlhf, export or rollout)")
     first, rest = argv[0], argv[1:]
     if first in ("-h", "--help", "help"):
         sys.stdout.write(format_main_help(__version__))
@@ -75,16 +80,17 @@ def run(argv: List[str]) -> int:
     env = os.environ
     try:
         args = parse_args(command, rest, env=env)
-        from megatron_swift.plugin import prepare_run_environment
+        if command != "rollout":  # the rollout server is one process with its own engine
+            from megatron_swift.plugin import prepare_run_environment
 
-        prepare_run_environment(args)  # --model_kwargs env vars, user plugin files (here and in each worker)
-        if command == "rlhf" and args.rlhf_type == "grpo":  # reward names resolve (plugins are in), engine exists
-            from megatron_swift.rlhf.grpo_run import check_grpo_before_workers
+            prepare_run_environment(args)  # --model_kwargs env vars, user plugin files (here and in each worker)
+            if command == "rlhf" and args.rlhf_type == "grpo":  # reward names resolve (plugins are in), engine exists
+                from megatron_swift.rlhf.grpo_run import check_grpo_before_workers
 
-            check_grpo_before_workers(args)
-        apply_runtime_environment(args)  # CUDA / Transformer Engine settings, inherited by a relaunch
-        if relaunch_requested(env):
-            return relaunch(command, rest, env)
+                check_grpo_before_workers(args)
+            apply_runtime_environment(args)  # CUDA / Transformer Engine settings, inherited by a relaunch
+            if relaunch_requested(env):
+                return relaunch(command, rest, env)
     except (ArgumentError, ValueError) as exc:
         return _error(prog, str(exc))
     try:

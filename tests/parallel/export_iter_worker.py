@@ -1,10 +1,12 @@
 """Every rank iterates ``iter_hf_weights(..., everywhere=True)`` of a model loaded from an HF
-directory at one parallel layout and records, per rank, how its tensors compare with the files.
+directory, at each of several parallel layouts (megatron's groups re-initialised between them), and
+records per rank how its tensors compare with the files.
 
-    python -m torch.distributed.run --nproc_per_node 2 export_iter_worker.py HF_DIR LAYOUT_JSON OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 export_iter_worker.py PLAN_JSON OUT_DIR
 
-OUT_DIR/rank<r>.json: {"keys": [...], "mismatched": [...], "first_rank_only": [...]} where
-``first_rank_only`` are the keys the default (stage-writer) iteration gave this rank.
+PLAN_JSON: [{"hf": DIR, "layout": {"tp": 2}}, ...]. OUT_DIR/step<i>_rank<r>.json:
+{"keys": [...], "mismatched": [...], "first_rank_only": [...]} where ``first_rank_only`` are the keys
+the default (stage-writer) iteration gave this rank.
 """
 
 from __future__ import annotations
@@ -26,20 +28,23 @@ def main():
     from megatron_swift.model import load_hf_config
     from megatron_swift.platform import destroy_parallel, init_distributed, init_parallel
 
-    hf_dir, layout, out_dir = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+    with open(sys.argv[1]) as f:
+        plan = json.load(f)
+    out_dir = sys.argv[2]
     init_distributed()
-    init_parallel(layout_of(layout), seed=3)
-    hf_config = load_hf_config(hf_dir)
-    chunks, config, settings = build_chunks(hf_config, {"perform_initialization": False})
-    load_hf_into_mcore(chunks, hf_dir, config, settings)
-    want = {}
-    for f in sorted(glob.glob(os.path.join(hf_dir, "*.safetensors"))):
-        want.update(load_file(f))
-    got = dict(iter_hf_weights(chunks, config, settings, everywhere=True, group_bytes=50_000))
-    mismatched = [k for k in got if k not in want or not torch.equal(got[k], want[k])]
-    writer_keys = [k for k, _ in iter_hf_weights(chunks, config, settings)]
-    with open(os.path.join(out_dir, f"rank{dist.get_rank()}.json"), "w") as f:
-        json.dump({"keys": sorted(got), "mismatched": mismatched, "first_rank_only": writer_keys}, f)
+    for i, step in enumerate(plan):
+        init_parallel(layout_of(step["layout"]), seed=3)
+        hf_config = load_hf_config(step["hf"])
+        chunks, config, settings = build_chunks(hf_config, {"perform_initialization": False})
+        load_hf_into_mcore(chunks, step["hf"], config, settings)
+        want = {}
+        for path in sorted(glob.glob(os.path.join(step["hf"], "*.safetensors"))):
+            want.update(load_file(path))
+        got = dict(iter_hf_weights(chunks, config, settings, everywhere=True, group_bytes=50_000))
+        mismatched = [k for k in got if k not in want or not torch.equal(got[k], want[k])]
+        writer_keys = [k for k, _ in iter_hf_weights(chunks, config, settings)]
+        with open(os.path.join(out_dir, f"step{i}_rank{dist.get_rank()}.json"), "w") as f:
+            json.dump({"keys": sorted(got), "mismatched": mismatched, "first_rank_only": writer_keys}, f)
     destroy_parallel()
 
 
