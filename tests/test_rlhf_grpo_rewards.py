@@ -98,6 +98,8 @@ def grpo_cli(tmp_path):
     (["--reward_funcs", "accuracy", "--global_batch_size", "8", "--external_plugins", "/no/such/plugin.py"],
      ["--external_plugins /no/such/plugin.py", "no such file"]),
     (["--global_batch_size", "8"], ["--reward_funcs is required"]),
+    (["--reward_funcs", "accuracy", "--global_batch_size", "8", "--vllm_mode", "server"],
+     ["--vllm_mode server", "not wired yet", "colocate"]),
     (["--reward_funcs", "accuracy", "--reward_weights", "1", "2", "--global_batch_size", "8"],
      ["--reward_weights", "2 weights for 1"]),
     (["--reward_funcs", "accuracy", "--global_batch_size", "8", "--generation_batch_size", "12"],
