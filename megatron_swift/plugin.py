@@ -11,7 +11,19 @@ the template is chosen. Today that is chat templates::
 
     register_template(TemplateMeta("my_chatml", render_chatml, eos_token="<|im_end|>", ...))
 
-and then ``megatron sft --custom_register_path my_template.py --template my_chatml ...``.
+and then ``megatron sft --custom_register_path my_template.py --template my_chatml ...``; and GRPO
+reward functions (ms-swift's ``orms``; an ms-swift plugin only changes its import line)::
+
+    # my_reward.py
+    from megatron_swift.plugin import ORM, orms
+
+    class Short(ORM):
+        def __call__(self, completions, **kwargs):
+            return [float(len(c) < 50) for c in completions]
+
+    orms["short"] = Short
+
+then ``megatron rlhf --rlhf_type grpo --external_plugins my_reward.py --reward_funcs short ...``.
 """
 
 from __future__ import annotations
@@ -21,6 +33,10 @@ import os
 import sys
 from typing import Iterable
 
+from megatron_swift.rlhf.rewards import BUILTIN_ORMS, ORM, AsyncORM  # noqa: F401  (re-exported for plugins)
+
+# GRPO reward functions by --reward_funcs name: classes built with the run's arguments (``cls(args=args)``)
+orms: dict = dict(BUILTIN_ORMS)
 
 def register_template(meta, exist_ok: bool = False) -> None:
     """Adds a chat template (a ``megatron_swift.template.base.TemplateMeta``) under ``meta.name``."""

@@ -134,9 +134,14 @@ def test_lora_lr_and_command_defaults(model, tmp_path):
     assert rlhf.rlhf_type == "dpo" and rlhf.loss_scale == "last_round" and rlhf.calculate_per_token_loss is False
     assert rlhf.beta == 0.1 and rlhf.loss_type == "sigmoid" and rlhf.ref_load == load
     assert rlhf.desirable_weight == 1.0 and rlhf.label_smoothing == 0.0 and rlhf.f_divergence_type == "reverse_kl"
-    # GRPO is not built: refused by name (its defaults are filled first, so --loss_type grpo is valid for it)
-    assert "--rlhf_type grpo: not built" in error_of(sft, model, "--rlhf_type", "grpo", "--reward_funcs", "accuracy",
-                                                     "format", command="rlhf")
+    # GRPO's defaults (beta 0.04, loss_type grpo, ms-swift's) and its required --vllm_mode
+    assert "--vllm_mode" in error_of(sft, model, "--rlhf_type", "grpo", "--reward_funcs", "accuracy", "format",
+                                     command="rlhf")
+    grpo = sft(model, "--rlhf_type", "grpo", "--reward_funcs", "accuracy", "--vllm_mode", "colocate",
+               "--global_batch_size", "8", command="rlhf")
+    assert (grpo.beta, grpo.loss_type, grpo.num_generations, grpo.epsilon, grpo.temperature, grpo.top_k) == \
+        (0.04, "grpo", 8, 0.2, 0.9, -1)
+    assert grpo.generation_batch_size == 8 and grpo.steps_per_generation == 1 and grpo.ref_load is None
     export = parse_args("export", ["--model", model, "--to_mcore", "true"], world_size=1)
     assert isinstance(export, ExportCommandArguments)
     assert export.max_shard_size == "5GB" and export.safe_serialization is True and export.exist_ok is False

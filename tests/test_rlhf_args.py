@@ -56,7 +56,7 @@ def test_dpo_settings_defaults_and_aliases(model_and_data):
     (["--rlhf_type", "rm", "--rpo_alpha", "0.5"], ["--rpo_alpha", "rm"]),
     (["--center_rewards_coefficient", "0.1"], ["--center_rewards_coefficient", "does not apply to --rlhf_type dpo"]),
     (["--task_type", "seq_cls"], ["--task_type seq_cls", "rlhf_type rm"]),
-    (["--rlhf_type", "grpo", "--reward_funcs", "accuracy"], ["--rlhf_type grpo", "not built"]),
+    (["--rlhf_type", "grpo", "--reward_funcs", "accuracy"], ["--vllm_mode", "colocate", "server"]),
     (["--desirable_weight", "2"], ["--desirable_weight", "does not apply to --rlhf_type dpo"]),
     (["--rlhf_type", "kto", "--micro_batch_size", "2", "--rpo_alpha", "0.5"], ["--rpo_alpha", "kto"]),
     (["--rlhf_type", "kto", "--micro_batch_size", "2", "--reference_free", "true"], ["--reference_free"]),
@@ -81,3 +81,27 @@ def test_rm_settings(model_and_data):
                            "--center_rewards_coefficient", "0.01"))
     assert (s.rlhf_type, s.center_rewards_coefficient) == ("rm", 0.01)
     assert rlhf_settings(rlhf(model_and_data, "--rlhf_type", "rm")).center_rewards_coefficient is None
+
+
+def test_grpo_batch_rules_name_the_numbers(model_and_data):
+    """Batch sizes count completions: the generation batch splits into whole groups, then over DP ranks."""
+    from megatron_swift.rlhf.settings import rlhf_settings
+
+    base = ("--rlhf_type", "grpo", "--reward_funcs", "accuracy", "--vllm_mode", "colocate")
+    s = rlhf_settings(rlhf(model_and_data, *base, "--global_batch_size", "16", "--num_generations", "4",
+                           "--loss_type", "dapo", "--epsilon_high", "0.28", "--scale_rewards", "batch",
+                           "--advantage_estimator", "rloo", "--importance_sampling_level", "sequence"))
+    g = s.grpo
+    assert (g.generation_batch_size, g.num_generations, g.loss.loss_type, g.loss.eps_high) == (16, 4, "dapo", 0.28)
+    assert (g.scale_rewards, g.advantage_estimator, g.loss.importance_sampling_level) == ("batch", "rloo", "sequence")
+    assert g.loss.beta == 0.04 and g.needs_reference and g.vllm.mode == "colocate"
+    message = error(model_and_data, *base, "--global_batch_size", "8", world_size=2)  # 1 prompt, 2 DP ranks
+    assert "8 completions are 1 prompts x 8 generations" in message and "multiple of 2" in message
+    assert "--ref_model" in error(model_and_data, *base, "--global_batch_size", "8", "--beta", "0",
+                                  "--ref_model", "m")
+    assert "--kl_in_reward: --beta 0" in error(model_and_data, *base, "--global_batch_size", "8", "--kl_in_reward",
+                                               "true", "--beta", "0")
+    assert rlhf_settings(rlhf(model_and_data, *base, "--global_batch_size", "8", "--kl_in_reward", "true")).grpo.kl_in_reward
+    assert "--split_dataset_ratio" in error(model_and_data, *base, "--global_batch_size", "8",
+                                            "--split_dataset_ratio", "0.1")
+    assert rlhf(model_and_data, *base, "--global_batch_size", "8").split_dataset_ratio == 0.0

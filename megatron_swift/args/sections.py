@@ -354,7 +354,7 @@ RLHF_TYPES = ("dpo", "orpo", "simpo", "kto", "cpo", "rm", "ppo", "grpo", "gkd")
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
                   "aot_unpaired", "aot_pair", "discopop", "apo_zero", "apo_down")  # aot_pair: old name of aot_unpaired
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 
 
 @dataclass
@@ -378,34 +378,84 @@ class RLHFArguments:
                                                       "term mean((r_chosen + r_rejected)^2) (TRL); default: off.")
     cpo_alpha: float = arg(1.0, ge=0.0, help="NLL weight in CPO/SimPO.")
     simpo_gamma: float = arg(1.0, help="SimPO reward margin.")
-    # generation-based algorithms (grpo, gkd, ppo)
-    max_completion_length: int = arg(512, ge=1, help="Max generated tokens (grpo/ppo/gkd).")
-    temperature: float = arg(0.9, ge=0.0, help="Sampling temperature (grpo/ppo/gkd).")
-    top_k: Optional[int] = arg(None, ge=-1, help="Sampling top-k.")
-    top_p: Optional[float] = arg(None, gt=0.0, le=1.0, help="Sampling top-p.")
-    repetition_penalty: Optional[float] = arg(None, gt=0.0, help="Sampling repetition penalty.")
+    # generation-based algorithms (grpo; gkd/ppo are not built). Batch sizes count completions.
+    max_completion_length: int = arg(512, ge=1, help="Max generated tokens per completion (grpo).")
+    temperature: float = arg(0.9, gt=0.0, help="Sampling temperature; training log-probs use the same.")
+    top_k: int = arg(-1, ge=-1, help="Sampling top-k (-1: off).")
+    top_p: float = arg(1.0, gt=0.0, le=1.0, help="Sampling top-p.")
+    repetition_penalty: float = arg(1.0, gt=0.0, help="Sampling repetition penalty.")
     num_generations: int = arg(8, ge=1, help="Completions per prompt (GRPO's G).")
-    generation_batch_size: Optional[int] = arg(None, ge=1, help="Completions sampled per generation step.")
-    steps_per_generation: Optional[int] = arg(None, ge=1, help="Optimizer steps per generation step.")
+    generation_batch_size: Optional[int] = arg(None, ge=1, help="Completions sampled per generation step; default: "
+                                                                "global_batch_size x steps_per_generation.")
+    steps_per_generation: Optional[int] = arg(None, ge=1, help="Optimizer steps per generation step; default 1.")
     num_iterations: int = arg(1, ge=1, help="Updates per generated batch.")
-    reward_funcs: List[str] = arg(factory=list, help="Reward functions (accuracy, format, cosine, repetition, ...).")
+    reward_funcs: List[str] = arg(factory=list, help="Reward functions: accuracy, format, cosine, repetition, "
+                                                    "soft_overlong, or names registered in an --external_plugins "
+                                                    "file (megatron_swift.plugin.orms).")
     reward_weights: Optional[List[float]] = arg(None, help="Weight of each reward; default: all 1.")
     reward_model: Optional[str] = arg(None, help="Reward model id or path.")
     teacher_model: Optional[str] = arg(None, help="Teacher model for gkd.")
-    epsilon: float = arg(0.2, ge=0.0, help="GRPO clip epsilon.")
-    epsilon_high: Optional[float] = arg(None, ge=0.0, help="GRPO upper clip epsilon.")
-    dynamic_sample: bool = arg(False, help="Resample groups whose rewards have zero spread.")
+    epsilon: float = arg(0.2, ge=0.0, help="GRPO clip epsilon (lower bound 1 - epsilon).")
+    epsilon_high: Optional[float] = arg(None, ge=0.0, help="GRPO upper clip epsilon; default: epsilon (cispo: "
+                                                           "the ratio cap, ~5).")
+    delta: Optional[float] = arg(None, gt=1.0, help="Two-sided GRPO: cap of the unclipped ratio (INTELLECT-2); "
+                                                    "> 1 + epsilon_high.")
+    importance_sampling_level: str = arg("token", choices=("token", "sequence", "sequence_token"),
+                                         help="Importance ratio per token, per sequence (GSPO) or GSPO-token.")
+    tau_pos: float = arg(1.0, gt=0.0, help="SAPO gate temperature for positive advantages.")
+    tau_neg: float = arg(1.05, gt=0.0, help="SAPO gate temperature for negative advantages.")
+    advantage_estimator: str = arg("grpo", choices=("grpo", "rloo", "reinforce_plus_plus"),
+                                   help="Baseline of the advantages.")
+    scale_rewards: str = arg("group", choices=("group", "batch", "none", "gdpo"),
+                             help="Advantages divided by the group's / batch's reward std, or not (Dr. GRPO); "
+                                  "gdpo: each reward normalised per group.")
+    kl_in_reward: bool = arg(False, help="Subtract beta x KL from the rewards instead of a KL loss term.")
+    dynamic_sample: bool = arg(False, help="Resample groups whose rewards have zero spread (DAPO).")
     max_resample_times: int = arg(3, ge=0, help="Resampling limit with dynamic_sample.")
     overlong_filter: bool = arg(False, help="Drop truncated completions from the loss.")
-    log_completions: bool = arg(False, help="Log generated completions.")
-    use_vllm: bool = arg(False, help="Generate with vLLM.")
-    vllm_mode: str = arg("colocate", choices=("colocate", "server"), help="vLLM in-process or as a server.")
-    vllm_server_host: Optional[str] = arg(None, help="vLLM server host (vllm_mode server).")
-    vllm_server_port: int = arg(8000, ge=1, le=65535, help="vLLM server port.")
+    log_completions: bool = arg(False, help="Write prompts, completions and rewards to <save>/completions.jsonl.")
+    log_entropy: bool = arg(False, help="Log the completion tokens' entropy.")
+    top_entropy_quantile: float = arg(1.0, gt=0.0, le=1.0, help="Train only the highest-entropy tokens "
+                                                                "(this quantile).")
+    rollout_importance_sampling_mode: Optional[str] = arg(
+        None, choices=("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+        help="Correct the rollout engine / trainer mismatch with importance weights exp(logp_old - logp_rollout).")
+    rollout_importance_sampling_threshold: float = arg(2.0, gt=0.0, help="Cap (truncate) or cut-off (mask) of the "
+                                                                         "rollout importance weights.")
+    log_rollout_offpolicy_metrics: bool = arg(False, help="Log the rollout / trainer log-prob mismatch metrics "
+                                                          "(always on with rollout_importance_sampling_mode).")
+    off_policy_sequence_mask_delta: Optional[float] = arg(None, gt=0.0, help="Drop completions whose mean "
+                                                          "logp_rollout - logp exceeds this and whose advantage "
+                                                          "is negative.")
+    cosine_min_len_value_wrong: float = arg(-0.5, help="cosine reward: wrong answer, length 0.")
+    cosine_max_len_value_wrong: float = arg(0.0, help="cosine reward: wrong answer, max length.")
+    cosine_min_len_value_correct: float = arg(1.0, help="cosine reward: correct answer, length 0.")
+    cosine_max_len_value_correct: float = arg(0.5, help="cosine reward: correct answer, max length.")
+    cosine_max_len: Optional[int] = arg(None, ge=1, help="cosine reward: max length; default max_completion_length.")
+    repetition_n_grams: int = arg(3, ge=1, help="repetition reward: n-gram size.")
+    repetition_max_penalty: float = arg(-1.0, le=0.0, help="repetition reward: penalty when every n-gram repeats.")
+    soft_max_length: Optional[int] = arg(None, ge=1, help="soft_overlong reward: L_max; default "
+                                                          "max_completion_length.")
+    soft_cache_length: Optional[int] = arg(None, ge=1, help="soft_overlong reward: L_cache (penalty ramp length).")
+    use_vllm: bool = arg(True, help="Generate with vLLM (GRPO needs it).")
+    vllm_mode: Optional[str] = arg(None, choices=("colocate", "server"), help="vLLM in each training process "
+                                                                              "(colocate) or a rollout server.")
+    vllm_server_base_url: Optional[List[str]] = arg(None, help="Rollout server base URLs (server mode); override "
+                                                               "host and port.")
+    vllm_server_host: Optional[List[str]] = arg(None, help="Rollout server hosts (server mode).")
+    vllm_server_port: List[int] = arg(factory=lambda: [8000], help="Rollout server ports (server mode).")
+    vllm_server_timeout: float = arg(240.0, gt=0.0, help="Seconds to wait for the rollout server.")
+    vllm_server_group_port: Optional[List[int]] = arg(None, help="Weight-sync group ports (server mode).")
     vllm_gpu_memory_utilization: float = arg(0.9, gt=0.0, le=1.0, help="vLLM GPU memory fraction (colocate).")
+    vllm_tensor_parallel_size: int = arg(1, ge=1, help="vLLM tensor parallel size (colocate).")
     vllm_max_model_len: Optional[int] = arg(None, ge=1, help="vLLM max model length (colocate).")
+    vllm_max_num_seqs: Optional[int] = arg(None, ge=1, help="vLLM max concurrent sequences (colocate).")
     vllm_enforce_eager: bool = arg(False, help="vLLM eager mode (colocate).")
-    sleep_level: int = arg(0, choices=None, ge=0, le=1, help="Release vLLM memory while training (0 or 1).")
+    vllm_enable_prefix_caching: bool = arg(True, help="vLLM prefix caching (colocate).")
+    sleep_level: int = arg(0, ge=0, le=2, help="Release vLLM memory while training: 0 no, 1 weights offloaded "
+                                              "and KV cache dropped, 2 both dropped.")
+    offload_model: bool = arg(False, help="Offload the training weights to CPU while vLLM generates.")
+    offload_optimizer: bool = arg(False, help="Offload the optimizer state to CPU while vLLM generates.")
     lmbda: float = arg(0.5, ge=0.0, le=1.0, help="GKD: fraction of student-generated data.")
     sft_alpha: float = arg(0.0, ge=0.0, help="GKD: weight of the added SFT loss.")
     seq_kd: bool = arg(False, help="GKD: sequence-level distillation.")

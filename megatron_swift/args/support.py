@@ -263,13 +263,29 @@ def _backend(args, caps):
     return None
 
 
-# megatron rlhf: what DPO reads (megatron_swift/rlhf/settings.py); every other RLHF argument belongs
-# to a type that is not built and is refused when given
-BUILT_RLHF = ("dpo", "kto", "rm")
+# megatron rlhf: what each built type reads (megatron_swift/rlhf/settings.py); every other RLHF argument
+# belongs to a type that is not built and is refused when given
+BUILT_RLHF = ("dpo", "kto", "rm", "grpo")
 COMMON_FIELDS = ("rlhf_type", "ref_load", "ref_model", "beta", "loss_type")
 DPO_ONLY = ("rpo_alpha", "reference_free", "label_smoothing", "f_divergence_type")
 KTO_ONLY = ("desirable_weight", "undesirable_weight")
 RM_ONLY = ("center_rewards_coefficient",)
+# GRPO (rlhf/settings.py grpo_settings); the vllm_* / sleep_level ones are carried to the rollout engine
+GRPO_ONLY = ("max_completion_length", "temperature", "top_k", "top_p", "repetition_penalty", "num_generations",
+             "generation_batch_size", "steps_per_generation", "num_iterations", "reward_funcs", "reward_weights",
+             "epsilon", "epsilon_high", "delta", "importance_sampling_level", "tau_pos", "tau_neg",
+             "advantage_estimator", "scale_rewards", "dynamic_sample", "max_resample_times", "overlong_filter",
+             "log_completions", "rollout_importance_sampling_mode", "rollout_importance_sampling_threshold",
+             "log_rollout_offpolicy_metrics", "off_policy_sequence_mask_delta", "cosine_min_len_value_wrong",
+             "cosine_max_len_value_wrong", "cosine_min_len_value_correct", "cosine_max_len_value_correct",
+             "cosine_max_len", "repetition_n_grams", "repetition_max_penalty", "soft_max_length",
+             "soft_cache_length", "use_vllm", "vllm_mode", "vllm_server_base_url", "vllm_server_host",
+             "vllm_server_port", "vllm_server_timeout", "vllm_server_group_port", "vllm_gpu_memory_utilization",
+             "vllm_tensor_parallel_size", "vllm_max_model_len", "vllm_max_num_seqs", "vllm_enforce_eager",
+             "vllm_enable_prefix_caching", "sleep_level",
+             # refused below when given (not built)
+             "kl_in_reward", "log_entropy", "top_entropy_quantile", "reward_model", "offload_model",
+             "offload_optimizer")
 
 
 def _rlhf_only_fields() -> tuple:
@@ -277,21 +293,59 @@ def _rlhf_only_fields() -> tuple:
 
     from megatron_swift.args.sections import RLHFArguments
 
-    used = COMMON_FIELDS + DPO_ONLY + KTO_ONLY + RM_ONLY
-    return tuple(f.name for f in dataclasses.fields(RLHFArguments) if f.name not in used)
+    return tuple(f.name for f in dataclasses.fields(RLHFArguments) if f.name not in COMMON_FIELDS + DPO_ONLY)
+
+
+def _grpo(args) -> Optional[str]:
+    """GRPO options that are not built yet (everything else in GRPO_ONLY is read)."""
+    if not args.use_vllm:
+        return "argument --use_vllm false: GRPO generates with vLLM (--vllm_mode colocate or server)"
+    if args.vllm_mode is None:
+        return "argument --vllm_mode: GRPO needs --vllm_mode colocate (vLLM in each training process) or server"
+    if args.vllm_mode == "colocate" and args.vllm_tensor_parallel_size != 1:
+        return ("argument --vllm_tensor_parallel_size: colocated vLLM runs one engine per training rank with tensor "
+                "parallel 1 (each rank generates its slice); a larger vLLM TP needs --vllm_mode server")
+    if args.kl_in_reward and (args.beta == 0 or args.scale_rewards == "gdpo"):
+        why = "--beta 0 has no reference" if args.beta == 0 else "--scale_rewards gdpo normalises each reward alone"
+        return f"argument --kl_in_reward: {why}"
+    if args.reward_model is not None:
+        return ("argument --reward_model: reward models are not built for GRPO; give --reward_funcs (built-in or "
+                "from an --external_plugins file)")
+    for name in ("offload_model", "offload_optimizer"):
+        if getattr(args, name):
+            return f"argument --{name}: offloading the trainer's state during generation is not built"
+    if _given(args, "padding_free") and not args.padding_free:
+        return "argument --padding_free false: GRPO packs completions into THD rows (padding-free) only"
+    if args.train_iters is None:
+        return ("argument --max_epochs: GRPO counts steps, not epochs (each step generates "
+                "global_batch_size / num_generations prompts' completions); give --train_iters")
+    if args.val_dataset or (_given(args, "split_dataset_ratio") and args.split_dataset_ratio > 0):
+        name = "val_dataset" if args.val_dataset else "split_dataset_ratio"
+        return f"argument --{name}: GRPO evaluation (generation on held-out prompts) is not built"
+    if args.beta is not None and args.beta == 0 and (args.ref_model or _given(args, "ref_load")):
+        return f"argument --{'ref_model' if args.ref_model else 'ref_load'}: --beta 0 uses no reference model"
+    if args.loss_type == "cispo" and args.epsilon_high is None:
+        return "argument --epsilon_high: --loss_type cispo caps the ratio at epsilon_high; give it (CISPO uses ~5)"
+    return None
 
 
 def _rlhf(args, caps):
     kind = args.rlhf_type
     if kind not in BUILT_RLHF:
-        return (f"argument --rlhf_type {kind}: not built yet in this version; --rlhf_type dpo, kto and rm are "
-                f"(grpo/gkd/ppo/orpo/simpo/cpo later)")
-    other = {"dpo": KTO_ONLY + RM_ONLY, "kto": DPO_ONLY + RM_ONLY,
-             # the reward model has no reference and no beta / loss variants
-             "rm": DPO_ONLY + KTO_ONLY + ("ref_load", "ref_model", "beta", "loss_type")}[kind]
-    given = [n for n in _rlhf_only_fields() + other if _given(args, n)]
+        return (f"argument --rlhf_type {kind}: not built yet in this version; --rlhf_type dpo, kto, rm and grpo are "
+                f"(gkd/ppo/orpo/simpo/cpo later)")
+    reads = {"dpo": DPO_ONLY, "kto": KTO_ONLY, "rm": RM_ONLY, "grpo": GRPO_ONLY}[kind]
+    shared = {"dpo": COMMON_FIELDS, "kto": COMMON_FIELDS, "grpo": COMMON_FIELDS,
+              # the reward model has no reference and no beta / loss variants
+              "rm": ("rlhf_type",)}[kind]
+    given = [n for n in _rlhf_only_fields() + DPO_ONLY + COMMON_FIELDS
+             if n not in reads + shared and _given(args, n)]
     if given:
         return f"argument --{given[0]}: does not apply to --rlhf_type {kind}"
+    if kind == "grpo":
+        message = _grpo(args)
+        if message:
+            return message
     if kind == "kto" and args.loss_type != "apo_zero_unpaired" and args.micro_batch_size < 2:
         return ("argument --micro_batch_size: KTO's KL term pairs each prompt with another sample's completion "
                 "inside the micro batch: use --micro_batch_size >= 2 (or --loss_type apo_zero_unpaired, which "

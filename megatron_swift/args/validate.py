@@ -631,20 +631,57 @@ def _check_rlhf(args) -> None:
         elif args.loss_type not in choices:
             raise ArgumentError(f"argument --loss_type: invalid choice {args.loss_type!r} for --rlhf_type {kind} "
                                 f"(choose from {', '.join(choices)})")
-    if args.ref_load is None and not args.reference_free and kind in ("dpo", "kto", "grpo", "ppo"):
+    if args.ref_load is None and not args.reference_free and kind in ("dpo", "kto", "grpo", "ppo") and args.beta != 0:
         args.ref_load = args.load
     if kind == "grpo":
-        if not args.reward_funcs and args.reward_model is None:
-            raise ArgumentError("argument --reward_funcs (or --reward_model) is required for --rlhf_type grpo")
-        if args.num_generations < 2:
-            raise ArgumentError("argument --num_generations: GRPO needs at least 2 completions per prompt")
-        if args.reward_weights is not None:
-            expected = len(args.reward_funcs) + (args.reward_model is not None)
-            if len(args.reward_weights) != expected:
-                raise ArgumentError(f"argument --reward_weights: {len(args.reward_weights)} weights for {expected} "
-                                    f"rewards (reward_funcs + reward_model)")
+        _check_grpo(args)
     if kind == "gkd" and args.teacher_model is None:
         raise ArgumentError("argument --teacher_model is required for --rlhf_type gkd")
+
+
+def _check_grpo(args) -> None:
+    """GRPO's batch sizes count completions: a generation batch of ``generation_batch_size`` completions is
+    ``generation_batch_size / num_generations`` prompts, split over the data-parallel ranks (each rank
+    generates whole groups), then trained in micro batches of ``micro_batch_size`` completions."""
+    if not args.reward_funcs and args.reward_model is None:
+        raise ArgumentError("argument --reward_funcs is required for --rlhf_type grpo (accuracy, format, cosine, "
+                            "repetition, soft_overlong, or a name an --external_plugins file registers)")
+    if args.num_generations < 2:
+        raise ArgumentError("argument --num_generations: GRPO needs at least 2 completions per prompt")
+    if "split_dataset_ratio" not in (args.explicit_args or []):
+        args.split_dataset_ratio = 0.0  # no held-out prompts: GRPO evaluation is not built (support.py)
+    if args.reward_weights is not None and len(args.reward_weights) != len(args.reward_funcs):
+        raise ArgumentError(f"argument --reward_weights: {len(args.reward_weights)} weights for "
+                            f"{len(args.reward_funcs)} reward functions (--reward_funcs)")
+    if args.generation_batch_size is not None and args.generation_batch_size % args.global_batch_size:
+        raise ArgumentError(f"argument --generation_batch_size ({args.generation_batch_size}): must be a multiple of "
+                            f"--global_batch_size ({args.global_batch_size}): each generation feeds whole steps")
+    if args.steps_per_generation is None:
+        args.steps_per_generation = (args.generation_batch_size // args.global_batch_size
+                                     if args.generation_batch_size else 1)
+    if args.generation_batch_size is None:
+        args.generation_batch_size = args.global_batch_size * args.steps_per_generation
+    gen, g, dp = args.generation_batch_size, args.num_generations, args.data_parallel_size
+    if gen % g:
+        raise ArgumentError(f"argument --num_generations: the generation batch of {gen} completions "
+                            f"(--global_batch_size {args.global_batch_size} x steps_per_generation "
+                            f"{args.steps_per_generation}) is not a whole number of groups of {g}: make "
+                            f"--global_batch_size a multiple of --num_generations")
+    prompts = gen // g
+    if prompts % dp:
+        raise ArgumentError(f"argument --global_batch_size: {gen} completions are {prompts} prompts x "
+                            f"{g} generations, which do not split over {dp} data-parallel ranks: make "
+                            f"global_batch_size / num_generations a multiple of {dp}")
+    if "soft_overlong" in args.reward_funcs:
+        if args.soft_cache_length is None:
+            raise ArgumentError("argument --soft_cache_length is required by the soft_overlong reward")
+        if args.soft_max_length is None:
+            args.soft_max_length = args.max_completion_length
+        if args.soft_cache_length >= args.soft_max_length:
+            raise ArgumentError(f"argument --soft_cache_length ({args.soft_cache_length}) must be smaller than "
+                                f"--soft_max_length ({args.soft_max_length})")
+    if args.cosine_max_len is None:
+        args.cosine_max_len = args.max_completion_length
 
 
 # --------------------------------------------------------------------------------------- export

@@ -85,6 +85,10 @@ def run(argv: List[str]) -> int:
             from megatron_swift.plugin import prepare_run_environment
 
             prepare_run_environment(args)  # --model_kwargs env vars, user plugin files (here and in each worker)
+            if command == "rlhf" and args.rlhf_type == "grpo":  # reward names resolve (plugins are in), engine exists
+                from megatron_swift.rlhf.grpo_run import check_grpo_before_workers
+
+                check_grpo_before_workers(args)
             apply_runtime_environment(args)  # CUDA / Transformer Engine settings, inherited by a relaunch
             if relaunch_requested(env):
                 return relaunch(command, rest, env)

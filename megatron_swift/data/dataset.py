@@ -30,7 +30,7 @@ from .preprocess import RowError, UnsupportedRowError, normalize_row, normalized
 
 logger = logging.getLogger(__name__)
 
-_PIPELINE_VERSION = 3  # 2: media rows stop preprocessing; bad-row kinds from the reader; 3: margin column
+_PIPELINE_VERSION = 4  # 2: media rows stop preprocessing; bad-row kinds from the reader; 3: margin column; 4: extra
 
 
 @dataclass
@@ -72,8 +72,8 @@ def _is_iterable(ds) -> bool:
 # ---------------------------------------------------------------------------------------- normalize
 def _normalize_batch(batch: Dict[str, list], *, columns, model_name, model_author, require_response: bool,
                      strict: bool) -> Dict[str, list]:
-    out = {k: [] for k in ("messages", "tools", "rejected_response", "label", "margin", "__file", "__line", "__error",
-                           "__error_kind")}
+    out = {k: [] for k in ("messages", "tools", "rejected_response", "label", "margin", "extra", "__file", "__line",
+                           "__error", "__error_kind")}
     for raw, path, line in zip(batch["__row"], batch["__file"], batch["__line"]):
         try:
             row = normalize_row(raw, columns=columns, model_name=model_name, model_author=model_author,
@@ -84,9 +84,10 @@ def _normalize_batch(batch: Dict[str, list], *, columns, model_name, model_autho
         except RowError as e:
             if strict:
                 raise DataRowError(f"{path}:{line}: {e} (--strict true stops at the first bad row)") from None
-            row = {"messages": [], "tools": None, "rejected_response": None, "label": None, "margin": None}
+            row = {"messages": [], "tools": None, "rejected_response": None, "label": None, "margin": None,
+                   "extra": None}
             err, kind = f"{os.path.basename(path)}:{line}: {e}", e.kind
-        for k in ("messages", "tools", "rejected_response", "label", "margin"):
+        for k in ("messages", "tools", "rejected_response", "label", "margin", "extra"):
             out[k].append(row[k])
         out["__file"].append(path)
         out["__line"].append(line)
@@ -316,7 +317,8 @@ def encoded_features(mode: str):
     elif mode == "kto":
         cols["label"] = Value("bool")
     elif mode == "prompt":
-        cols = {"input_ids": ids, "messages": DList({"role": Value("string"), "content": Value("string")})}
+        cols = {"input_ids": ids, "messages": DList({"role": Value("string"), "content": Value("string")}),
+                "extra": Value("string")}
     cols.update({"length": Value("int32"), "__error": Value("string"), "__error_kind": Value("string")})
     return Features(cols)
 
@@ -346,6 +348,7 @@ def _encode_batch(batch: Dict[str, list], *, template, mode: str, strict: bool) 
                 res["length"] = len(res["input_ids"])
             if mode == "prompt":
                 res["messages"] = rows[i]["messages"]
+                res["extra"] = batch["extra"][i] if "extra" in batch else None
             res["__error"] = res["__error_kind"] = None
         for k in keys:
             default = None if k in ("__error", "__error_kind", "label", "margin") else 0 if k == "length" else []

@@ -42,6 +42,10 @@ _COLUMN_ALIASES = {
 }
 _CJK = re.compile(r"[\u4e00-\u9fff]")
 MEDIA_COLUMNS = ("images", "audios", "videos")
+# what a prompt row's conversation is made of; its other columns (``solution``...) travel to the GRPO
+# reward functions as keyword arguments (``extra``, JSON)
+PROMPT_COLUMNS = ("messages", "conversations", "system", "tools", "query", "prompt", "question", "problem",
+                  "instruction", "input", "history") + MEDIA_COLUMNS
 
 
 class RowError(ValueError):
@@ -205,6 +209,10 @@ def normalize_row(row: Any, *, columns: Optional[Dict[str, str]] = None, model_n
         raise RowError(row.get("__bad_kind__") or "malformed row", row["__bad_row__"])
     if columns:
         row = {columns.get(k, k): v for k, v in row.items()}
+    extra = None
+    if not require_response:  # a prompt row (GRPO): keep the other columns for the reward functions
+        extra = json.dumps({k: v for k, v in row.items() if k not in PROMPT_COLUMNS and not k.startswith("__")},
+                           ensure_ascii=False, default=str)
     for col in MEDIA_COLUMNS:
         if row.get(col) not in (None, "", [], {}):
             raise UnsupportedRowError(f"column {col!r} is not empty: multimodal training is not supported (text "
@@ -292,7 +300,8 @@ def normalize_row(row: Any, *, columns: Optional[Dict[str, str]] = None, model_n
             raise RowError("wrong type", f"'margin' must be a number, got {margin!r}") from None
         if margin != margin or margin in (float("inf"), float("-inf")):
             raise RowError("wrong type", f"'margin' must be a finite number, got {margin!r}")
-    return {"messages": messages, "tools": tools, "rejected_response": rejected, "label": label, "margin": margin}
+    return {"messages": messages, "tools": tools, "rejected_response": rejected, "label": label, "margin": margin,
+            "extra": extra}
 
 
 def normalized_features():
@@ -304,6 +313,7 @@ def normalized_features():
         "rejected_response": Value("string"),
         "label": Value("bool"),
         "margin": Value("float64"),
+        "extra": Value("string"),
         "__file": Value("string"),
         "__line": Value("int64"),
         "__error": Value("string"),

@@ -53,3 +53,28 @@ def sequence_sums(values: torch.Tensor, batch: dict, num_sequences: int) -> torc
     sums = torch.zeros(cu.numel() - 1, dtype=values.dtype, device=values.device)
     sums = sums.index_add(0, segment, values.reshape(-1))
     return sums[:num_sequences]
+
+
+def token_entropy(logits: torch.Tensor, vocab_size: Optional[int] = None) -> torch.Tensor:
+    """``[b, s, V/tp]`` logits (this rank's vocabulary shard) -> ``[b, s]`` fp32 entropy of the full
+    softmax, without gradient: ``logsumexp(z) - Σ softmax(z) z`` from three all-reduces over the
+    tensor-parallel group (max, Σ e^z, Σ e^z z). Padded vocabulary columns are left out."""
+    from megatron.core import parallel_state as ps
+
+    with torch.no_grad():
+        z = logits.detach().float()
+        shard = z.shape[-1]
+        start = ps.get_tensor_model_parallel_rank() * shard
+        if vocab_size is not None and start + shard > vocab_size:
+            ids = torch.arange(start, start + shard, device=z.device)
+            z = z.masked_fill(ids >= vocab_size, float("-inf"))
+        group = ps.get_tensor_model_parallel_group()
+        top = z.max(-1, keepdim=True).values
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX, group=group)
+        e = torch.exp(z - top)
+        weighted = torch.where(torch.isinf(z), torch.zeros_like(z), e * (z - top))
+        sums = torch.stack([e.sum(-1), weighted.sum(-1)])
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(sums, group=group)
+        return torch.log(sums[0]) - sums[1] / sums[0]

@@ -41,6 +41,8 @@ class TrainingData:
     cursor: Callable[[int], dict]
     resume_from: Callable[[int, dict], None]
     pad_token_id: Optional[int] = None  # the template's (a reward model's config records it)
+    prepared: Optional[object] = None  # the data pipeline's PreparedData (GRPO reads its prompts)
+    tokenizer: Optional[object] = None
 
 
 class _Prefetcher:
@@ -184,4 +186,5 @@ def build_training_data(args, prefetch_steps: int = 0, max_epochs: Optional[int]
                         rows_per_micro_batch=rows, template_name=template_name,
                         num_train_samples=data.num_train_samples, iters_for_epochs=iters_for_epochs,
                         cursor=cursor, resume_from=resume_from,
-                        pad_token_id=getattr(data.template, "pad_token_id", None))
+                        pad_token_id=getattr(data.template, "pad_token_id", None), prepared=data,
+                        tokenizer=tokenizer)

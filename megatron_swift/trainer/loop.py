@@ -219,6 +219,8 @@ def train(ddp_chunks: list, optimizer, scheduler, batches_for_step: BatchesForSt
             state.losses.append(result.loss)
             extra = router_losses(ddp_chunks[0].config, len(microbatches))
             extra.update(result.metrics)
+            if hasattr(settings.objective, "step_metrics"):  # GRPO: the step's rollout (rewards, lengths)
+                extra.update(settings.objective.step_metrics())
             if settings.logging.log_params_norm:
                 from .step import params_norm
 

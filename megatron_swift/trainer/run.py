@@ -225,9 +225,11 @@ def run_training(args) -> int:
         # a resumed DPO/KTO run's weights are trained: the reference is not the policy then (an SFT
         # checkpoint given to --load is: preference training starts from it)
         resumed_rlhf = bool(start) and read_args_json(os.path.dirname(loaded.directory)).get("command") == "rlhf"
-        objective = build_objective(rlhf_settings(args), ddp_chunks, hf_config, overrides, where,
-                                    policy_is_start=not resumed_rlhf, model_dir=source.model_dir, use_hf=source.use_hf,
-                                    hub_token=source.hub_token, vocab_size=gpt_settings.vocab_size, lora=lora)
+        if args.rlhf_type != "grpo":
+            objective = build_objective(rlhf_settings(args), ddp_chunks, hf_config, overrides, where,
+                                        policy_is_start=not resumed_rlhf, model_dir=source.model_dir,
+                                        use_hf=source.use_hf, hub_token=source.hub_token,
+                                        vocab_size=gpt_settings.vocab_size, lora=lora)
 
     if reward_model and getattr(hf_config, "pad_token_id", None) is None and data.pad_token_id is not None:
         hf_config.pad_token_id = data.pad_token_id  # transformers' *ForSequenceClassification needs it
@@ -241,16 +243,30 @@ def run_training(args) -> int:
 
         extra["lora"] = settings_record(settings.lora)
     write_args_json_once(args, save_dir, extra=extra)
+    batches_for_step, seq_length, eval_batches = data.batches_for_step, data.seq_length, data.eval_batches
+    engine = None
+    if settings.command == "rlhf" and args.rlhf_type == "grpo":  # generation feeds the loop (rlhf/grpo_step.py)
+        from megatron_swift.rlhf.grpo_run import build_grpo
+
+        objective, batches_for_step, seq_length, engine = build_grpo(
+            args, rlhf_settings(args), ddp_chunks, config, gpt_settings, hf_config, overrides, where, data,
+            source.model_dir, save_dir if torch.distributed.get_rank() == 0 else None, resumed=bool(start))
+        eval_batches = None  # evaluation by generation is not built (--split_dataset_ratio 0 for grpo)
     loop = LoopSettings(
         train_iters=schedule_iters, stop_iteration=stop_iters, micro_batch_size=data.rows_per_micro_batch,
-        seq_length=data.seq_length, save_dir=save_dir, checkpoint=ckpt, logging=settings.logging,
+        seq_length=seq_length, save_dir=save_dir, checkpoint=ckpt, logging=settings.logging,
         eval_interval=settings.eval_interval, exit=settings.exit,
         manual_gc_interval=settings.manual_gc_interval if settings.manual_gc else None, hf_export=_hf_export(settings, config, gpt_settings, hf_config, data) if ckpt.save_safetensors
         else None, objective=objective,
     )
-    state = train(ddp_chunks, optimizer, scheduler, data.batches_for_step, loop, start_iteration=start,
-                  eval_batches=data.eval_batches, data_cursor=data.cursor)
-    if torch.distributed.get_rank() == 0:
+    rank = torch.distributed.get_rank()
+    try:
+        state = train(ddp_chunks, optimizer, scheduler, batches_for_step, loop, start_iteration=start,
+                      eval_batches=eval_batches, data_cursor=data.cursor)
+    finally:
+        if engine is not None:  # the rollout engine (GRPO); vLLM's shutdown also ends the process groups
+            engine.close()
+    if rank == 0:
         logger.info("done: %d iterations, final loss %.4f; checkpoint in %s", state.iteration,
                     state.losses[-1] if state.losses else float("nan"), save_dir)
     from megatron_swift.platform import destroy_parallel
