@@ -69,6 +69,22 @@ def test_plugin_reward_registered_the_ms_swift_way(tmp_path):
         resolve_reward_funcs(["nope"], None)
 
 
+def test_demo_grpo_plugin_and_reward_curve(tmp_path):
+    """scripts/demo_grpo.sh's pieces: the plugin it writes registers `letters`; reward-curve reads a log."""
+    from megatron_swift.plugin import import_user_files
+    from megatron_swift.rlhf.demo import LETTERS_PLUGIN, reward_curve
+    from megatron_swift.rlhf.rewards import call_reward, resolve_reward_funcs
+
+    plugin = tmp_path / "letters_reward.py"
+    plugin.write_text(LETTERS_PLUGIN)
+    import_user_files([str(plugin)])
+    (letters,) = resolve_reward_funcs(["letters"], None)
+    assert call_reward(letters, ["ab12", "????"], {}) == [0.5, 0.0]
+    log = tmp_path / "logging.jsonl"
+    log.write_text("".join(json.dumps({"iteration": i, "loss": 0.0, "reward": i / 10}) + "\n" for i in range(10)))
+    assert reward_curve(str(log)) == {"steps": 10, "first_5_mean": 0.2, "last_5_mean": 0.7}
+
+
 @pytest.fixture
 def grpo_cli(tmp_path):
     from megatron_swift.model.tiny import tiny_hf_config

@@ -1,4 +1,4 @@
-"""The DPO demo on the embedded tiny model (scripts/demo_dpo.sh).
+"""The DPO and GRPO demos on the embedded tiny model (scripts/demo_dpo.sh, scripts/demo_grpo.sh).
 
 ``prepare``: the tiny Qwen3-architecture HF model (megatron_swift.demo) and preference pairs: for
 "what is a plus b?" the chosen answer has the right sum, the rejected one a wrong sum (same length,
@@ -7,6 +7,14 @@ chosen answer the higher log-prob, and the mean margin logp(chosen) - logp(rejec
 
     python -m megatron_swift.rlhf.demo prepare --out DIR
     python -m megatron_swift.rlhf.demo preference --model HF_DIR --data DIR/pairs.jsonl [--ref START_DIR]
+
+``prepare-grpo``: the tiny model (random init), 200 "what is a plus b?" prompts (with a ``solution``
+column) and a reward plugin registered the ms-swift way (``letters``: the share of ASCII letters in a
+completion, a dense rule a random model can learn in a few dozen steps). ``reward-curve``: the mean
+reward of the first and last steps of a GRPO run's logging.jsonl.
+
+    python -m megatron_swift.rlhf.demo prepare-grpo --out DIR
+    python -m megatron_swift.rlhf.demo reward-curve --log RUN/logging.jsonl
 """
 
 from __future__ import annotations
@@ -76,6 +84,43 @@ def preference(model_dir: str, data: str, ref_dir: str = None) -> dict:
     return out
 
 
+LETTERS_PLUGIN = '''from megatron_swift.plugin import ORM, orms
+
+
+class AsciiLetters(ORM):
+    """The share of ASCII letters in a completion."""
+
+    def __call__(self, completions, **kwargs):
+        return [sum(ch.isascii() and ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
+
+
+orms["letters"] = AsciiLetters
+'''
+
+
+def prepare_grpo(out: str) -> dict:
+    from megatron_swift.demo import prepare_model, write_jsonl
+
+    model = prepare_model(os.path.join(out, "tiny-qwen3"), "qwen3", seed=3)
+    rows = [{"messages": [{"role": "user", "content": f"what is {a} plus {b}?"}], "solution": str(a + b)}
+            for a in range(20) for b in range(10)]
+    random.Random(0).shuffle(rows)
+    plugin = os.path.join(out, "letters_reward.py")
+    with open(plugin, "w") as f:
+        f.write(LETTERS_PLUGIN)
+    return {"model": model, "dataset": write_jsonl(os.path.join(out, "prompts.jsonl"), rows), "plugin": plugin}
+
+
+def reward_curve(log: str, key: str = "reward", window: int = 5) -> dict:
+    steps = [json.loads(line) for line in open(log) if '"loss"' in line]
+    rewards = [r[key] for r in steps if key in r]
+    if len(rewards) < 2 * window:
+        raise SystemExit(f"{log}: {len(rewards)} steps with {key!r}; need at least {2 * window}")
+    first, last = rewards[:window], rewards[-window:]
+    return {"steps": len(rewards), f"first_{window}_mean": round(sum(first) / window, 4),
+            f"last_{window}_mean": round(sum(last) / window, 4)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m megatron_swift.rlhf.demo")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -84,9 +129,17 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--ref", help="the starting model: also report the reward accuracy against it")
+    sub.add_parser("prepare-grpo").add_argument("--out", default="output/demo_grpo")
+    p = sub.add_parser("reward-curve")
+    p.add_argument("--log", required=True)
+    p.add_argument("--key", default="reward")
     args = parser.parse_args(argv)
     if args.cmd == "prepare":
         print(json.dumps(prepare(args.out)))
+    elif args.cmd == "prepare-grpo":
+        print(json.dumps(prepare_grpo(args.out)))
+    elif args.cmd == "reward-curve":
+        print(json.dumps(reward_curve(args.log, args.key)))
     else:
         print(json.dumps(preference(args.model, args.data, args.ref)))
     return 0
