@@ -17,14 +17,12 @@ from typing import Optional
 
 logger = logging.getLogger("megatron_swift")
 
-ENGINE_MODULES = {"colocate": "megatron_swift.rollout.vllm_colocate"}
+ENGINE_MODULES = {"colocate": "megatron_swift.rollout.vllm_colocate", "server": "megatron_swift.rollout.server_client"}
+SERVER_CLIENT_RANK = 0  # --vllm_mode server: the one rank that talks to `megatron rollout`
 
 
 def engine_available(mode: str) -> Optional[str]:
     """None when ``--vllm_mode mode`` can run here, else why not."""
-    if mode == "server":  # the client exists (rollout/server_client.py); the trainer's side is not wired
-        return ("argument --vllm_mode server: the trainer side of server mode (one rank talking to `megatron "
-                "rollout`, prompts gathered to it) is not wired yet; use --vllm_mode colocate")
     module = ENGINE_MODULES.get(mode)
     if module is None or importlib.util.find_spec(module) is None:
         return (f"argument --vllm_mode {mode}: the {mode} rollout engine is not wired into this build of "
@@ -43,6 +41,17 @@ def check_grpo_before_workers(args) -> None:
     problem = engine_available(args.vllm_mode)
     if problem:
         raise ValueError(problem)
+    if args.vllm_mode == "server":
+        servers = max(len(args.vllm_server_base_url or ()), len(args.vllm_server_host or ()))
+        if servers == 0:
+            raise ValueError("argument --vllm_mode server: give --vllm_server_host (and --vllm_server_port) or "
+                             "--vllm_server_base_url of a running `megatron rollout`")
+        if servers > 1 or len(args.vllm_server_port or ()) > 1:
+            raise ValueError("argument --vllm_server_host/--vllm_server_base_url: one rollout server is supported "
+                             "(several, with requests split over them, are not built)")
+        if args.vllm_server_group_port:
+            raise ValueError("argument --vllm_server_group_port: weights reach `megatron rollout` over HTTP "
+                             "(safetensors buckets); the NCCL weight-sync group is not built")
 
 
 def build_rollout_engine(vllm, model_dir: str, seed: int, max_model_len: int):
@@ -60,6 +69,16 @@ def build_rollout_engine(vllm, model_dir: str, seed: int, max_model_len: int):
         if vllm.max_num_seqs:
             kwargs["max_num_seqs"] = vllm.max_num_seqs
         return VLLMColocateEngine(model_dir, **kwargs)
+    if vllm.mode == "server":  # one client, on one rank; the others reach it through the trainer's groups
+        import torch
+
+        if torch.distributed.get_rank() != SERVER_CLIENT_RANK:
+            return None
+        from megatron_swift.rollout.server_client import VLLMServerEngine
+
+        base_url = vllm.server_base_url[0] if vllm.server_base_url else None
+        host = vllm.server_host[0] if vllm.server_host else None
+        return VLLMServerEngine(host=host, port=vllm.server_port[0], base_url=base_url, timeout=vllm.server_timeout)
     raise ValueError(f"argument --vllm_mode {vllm.mode}: not wired")  # engine_available said otherwise
 
 

@@ -208,8 +208,14 @@ class GRPOObjective:
 
 def sync_weights(engine, ddp_chunks: list, export_weights: Callable) -> float:
     """The policy's weights -> the engine: ``export_weights(chunks)`` yields HF-named full tensors (the
-    converters' streaming mcore -> HF export; collective). The one call site of ``update_weights``."""
-    return engine.update_weights(export_weights(ddp_chunks))
+    converters' streaming mcore -> HF export; collective). The one call site of ``update_weights``.
+    Ranks without an engine (``--vllm_mode server``: one rank holds the client) take part in the gathers."""
+    weights = export_weights(ddp_chunks)
+    if engine is None:
+        for _ in weights:
+            pass
+        return 0.0
+    return engine.update_weights(weights)
 
 
 def _groups():
@@ -307,14 +313,33 @@ class GRPORollout:
         size, rank = torch.distributed.get_world_size(mp), torch.distributed.get_rank(mp)
         per = -(-len(prompt_ids) // size)
         mine = prompt_ids[rank * per:(rank + 1) * per]
-        out = self.engine.generate(mine, self.sampling(), n=self.s.num_generations) if mine else []
+        if self.s.vllm.mode == "server":
+            out = self._generate_on_server(mine)
+        else:
+            out = [(c.token_ids, c.logprobs, c.finish_reason)
+                   for c in (self.engine.generate(mine, self.sampling(), n=self.s.num_generations) if mine else [])]
         if len(out) != len(mine) * self.s.num_generations:
             raise RuntimeError(f"the rollout engine returned {len(out)} completions for {len(mine)} prompts x "
                                f"{self.s.num_generations}")
         gathered = [None] * size
-        torch.distributed.all_gather_object(gathered, [(c.token_ids, c.logprobs, c.finish_reason) for c in out],
-                                            group=mp)
+        torch.distributed.all_gather_object(gathered, out, group=mp)
         return [x for part in gathered for x in part]
+
+    def _generate_on_server(self, mine: list) -> list:
+        """``--vllm_mode server``: every rank's prompts go to the client rank, which sends them to
+        `megatron rollout` in one request; each rank gets its own completions back (prompt-major)."""
+        from .grpo_run import SERVER_CLIENT_RANK
+
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, mine)
+        result = [None]
+        if self.engine is not None:
+            flat = [p for part in parts for p in part]
+            completions = self.engine.generate(flat, self.sampling(), n=self.s.num_generations) if flat else []
+            result = [[(c.token_ids, c.logprobs, c.finish_reason) for c in completions]]
+        torch.distributed.broadcast_object_list(result, src=SERVER_CLIENT_RANK)
+        start = sum(len(p) for p in parts[:torch.distributed.get_rank()]) * self.s.num_generations
+        return result[0][start:start + len(mine) * self.s.num_generations]
 
     def _rewards(self, rows: list, rollouts: List[Rollout], step: int) -> torch.Tensor:
         """``[n, F]`` on the model-parallel group's first rank, broadcast to the group."""
