@@ -197,8 +197,10 @@ class GRPOObjective:
 
     def prepare(self, microbatches: list, seq_length: int, micro_batch_size: int) -> None:
         if self.reference is not None:
+            start = time.time()
             fill_token_logps(self.reference.chunks, microbatches, seq_length, micro_batch_size, "ref_logps",
                              self.temperature, self.vocab_size)
+            self.rollout_metrics["timing/reference_seconds"] = time.time() - start
 
     def step_metrics(self) -> dict:
         return dict(self.rollout_metrics)
@@ -454,6 +456,7 @@ class GRPORollout:
                  for i in range(0, len(rollouts), self.micro_batch_size)]
         off_policy = self.s.steps_per_generation * self.s.num_iterations > 1
         if off_policy or self.s.kl_in_reward:  # π_old: off-policy steps follow, or the KL enters the rewards
+            old_start = time.time()
             for chunk in self.ddp_chunks:
                 chunk.eval()
             try:
@@ -462,6 +465,9 @@ class GRPORollout:
             finally:
                 for chunk in self.ddp_chunks:
                     chunk.train()
+            old_logps_seconds = time.time() - old_start
+        else:
+            old_logps_seconds = 0.0
         kl_penalty = None
         if self.s.kl_in_reward:
             kl_penalty = self._kl_penalty(micro, dp, dp_size, device)
@@ -476,6 +482,7 @@ class GRPORollout:
         for r, a in zip(rollouts, adv[mine].tolist()):
             r.advantage = a
         self._log_step(step, table, total, rollouts, rows, adv[mine], sync_seconds, generate_seconds, dp, device)
+        self.objective.rollout_metrics["timing/old_logps_seconds"] = old_logps_seconds
         if kl_penalty is not None:
             self.objective.rollout_metrics["kl_in_reward/kl"] = float(kl_penalty.mean()) / self.s.loss.beta
         return micro
