@@ -376,6 +376,57 @@ def test_model_parity_vs_peft_and_peft_export(tmp_path):
     assert (logits - oracle["logits"]).abs().max() > 1e-3  # training changed the model (not vacuous)
 
 
+@pytest.mark.slow
+def test_moe_expert_adapters_vs_peft_target_parameters(tmp_path):
+    """A tiny Qwen3-MoE with a PEFT adapter on q/k/v/o and, through ``target_parameters``, on
+    transformers' fused 3-D expert tensors (``mlp.experts.gate_up_proj`` / ``down_proj``; B random
+    non-zero), imported into our per-expert adapters at EP2 (2 processes, ``load_peft_adapter``):
+    logits, loss and every adapter grad in PEFT's layout equal PEFT's (fp32; observed logits 2.4e-7,
+    loss 5e-7, grads <= 9.4e-7 relative; expert B's columns read as (expert, r) instead of (r,
+    expert): logits off by 0.41). After 2 Adam steps the adapter written back (``adapter_to_peft``
+    + ``target_parameters``) loads in ``PeftModel.from_pretrained`` with every tensor used and
+    gives our logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_checked, torchrun_cmd, worker_env
+    from lora_peft_worker import MOE_PARAMETERS, TARGETS, oracle
+    from megatron_swift.tuners.lora import LoraSettings
+    from megatron_swift.tuners.peft_io import save_peft_adapter
+
+    oracle(str(tmp_path), False, TARGETS, share_a=True, kv_heads=2, moe=True)
+    reference = torch.load(tmp_path / "oracle.pt")
+    # the grads are read from megatron's buffers: no distributed optimizer (its shards at DP 2)
+    run_checked(torchrun_cmd(PEFT_WORKER, 2, ["--root", tmp_path, "--out", tmp_path / "ep2", "--ep", 2,
+                                              "--steps", 2]), env=worker_env(LORA_DISTOPT="0"))
+    ours = torch.load(tmp_path / "ep2" / "ours.pt", weights_only=False)
+    assert ours["loss"] == pytest.approx(reference["loss"], abs=2e-6)
+    torch.testing.assert_close(ours["logits"], reference["logits"], rtol=0, atol=2e-6)
+    assert any(".mlp.experts.base_layer.lora_" in k for k in ours["grads"])  # both expert tensors adapted
+    _peft_grads_match(reference, ours, rtol=1e-5)
+    assert ours["base_unchanged"] and ours["target_parameters"] == sorted(MOE_PARAMETERS)
+
+    lora = ours["lora"]
+    save_peft_adapter(ours["adapter"], str(tmp_path / "exported"), LoraSettings(rank=lora["rank"], alpha=lora["alpha"],
+                                                                                dropout=0.0),
+                      str(tmp_path / "hf"), ours["target_parameters"])
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").float()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "exported")
+    saved = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    state = {k.replace(".default.", "."): v for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    assert sorted(state) == sorted(saved) and len(saved) == 2 * (8 + 4)
+    for key, value in saved.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    from parity_worker import global_batch
+
+    batch = global_batch(4, 16, base.config.vocab_size)
+    with torch.no_grad():
+        logits = peft_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(logits, ours["logits_after"], rtol=0, atol=1e-5)
+    assert (logits - reference["logits"]).abs().max() > 1e-3  # training changed the model (not vacuous)
+
+
 def test_lora_plus_gives_b_a_higher_learning_rate(tiny_chunks):
     """--lorap_lr_ratio: megatron-core's param-group overrides put B in groups with max_lr x ratio
     (A keeps the base lr; the standard no-weight-decay groups stay)."""

@@ -93,7 +93,8 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scat
     from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, wrap_ddp
     from megatron_swift.trainer.step import forward_backward
     from megatron_swift.tuners.lora import LoraSettings, apply_lora
-    from megatron_swift.tuners.peft_io import adapter_to_peft, load_peft_adapter, settings_from_peft
+    from megatron_swift.tuners.peft_io import (adapter_to_peft, expert_target_parameters, load_peft_adapter,
+                                               settings_from_peft)
 
     init_parallel(ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  expert_model_parallel_size=ep), seed=7)
@@ -146,6 +147,7 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scat
         result["base_unchanged"] = all(torch.equal(p, base[n]) for n, p in unwrap(ddp[0]).named_parameters()
                                        if n in base)
         result["adapter"] = adapter_to_peft(ddp, config, settings)
+        result["target_parameters"] = expert_target_parameters(ddp, settings.family)
         if pp == 1:
             result["logits_after"] = logits()
     if torch.distributed.get_rank() == 0:
