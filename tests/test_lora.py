@@ -201,13 +201,74 @@ def _check_export(model, adapter_dir, tmp_path):
 
 @pytest.mark.slow
 def test_lora_moe_expert_parallel_matches_one_process(demo_models, tmp_path, megatron_world1):
-    """Per-expert adapters at EP2 (expert grads on the expert-data-parallel reduce) = one process."""
+    """Per-expert adapters at EP2 (expert grads on the expert-data-parallel reduce) = one process;
+    its PEFT export (--save_safetensors during the run, `megatron export`) and merged export are
+    checked against PEFT (_check_moe_export)."""
     ref, ep2 = tmp_path / "ref", tmp_path / "ep2"
     _lora_sft(demo_models["moe"], demo_models["dataset"], ref, "--train_iters", 3)
     _lora_sft(demo_models["moe"], demo_models["dataset"], ep2, "--train_iters", 3, "--expert_model_parallel_size", 2,
-              nproc=2)
+              "--save_safetensors", "true", nproc=2)
     _assert_same_run(ref, ep2, range(1, 4), adapters_at="iter_0000003")
     assert any(".experts." in k for k in _adapter_tensors(ref / "iter_0000003"))
+    _check_moe_export(demo_models["moe"], ep2, tmp_path)
+
+
+def _check_moe_export(model, adapter_dir, tmp_path):
+    """`megatron export --mcore_adapters` of the EP2 MoE run (1 process): the PEFT dir holds the
+    expert adapters as PEFT's target_parameters adapters of the fused 3-D tensors (A rows (expert,
+    r), B columns (r, expert)), equal to the checkpoint's per-expert factors and to the
+    --save_safetensors copy written during the EP2 run; it loads in PeftModel with every tensor
+    used; --merge_lora true equals PEFT's merge_and_unload() (fp32)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import megatron
+
+    peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
+    for out, merge in ((peft_dir, "false"), (merged_dir, "true")):
+        proc = megatron("export", "--mcore_adapters", adapter_dir, "--to_hf", "true", "--merge_lora", merge,
+                        "--output_dir", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(peft_dir / "adapter_model.safetensors")
+    during = load_file(adapter_dir / "iter_0000003" / "peft" / "adapter_model.safetensors")
+    assert sorted(during) == sorted(exported)
+    for key in during:
+        torch.testing.assert_close(during[key], exported[key], rtol=0, atol=0)
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"] and cfg["lora_dropout"] == 0
+    checkpoint = _adapter_tensors(adapter_dir / "iter_0000003")  # [layer, expert, ...] per factor
+    a_fc1 = checkpoint["decoder.layers.mlp.experts.experts.linear_fc1.lora_A.weight"]
+    layers, experts, r = a_fc1.shape[:3]
+    for layer in range(layers):
+        prefix = f"base_model.model.model.layers.{layer}.mlp.experts."
+        for path, leaf in ((prefix + "base_layer.", "linear_fc1"), (prefix, "linear_fc2")):
+            a, b = exported[path + "lora_A.weight"], exported[path + "lora_B.weight"]
+            ours = f"decoder.layers.mlp.experts.experts.{leaf}."
+            for e in range(experts):
+                torch.testing.assert_close(a.reshape(experts, r, -1)[e], checkpoint[ours + "lora_A.weight"][layer, e],
+                                           rtol=0, atol=0)
+                torch.testing.assert_close(b.reshape(b.shape[0], r, experts)[:, :, e],
+                                           checkpoint[ours + "lora_B.weight"][layer, e], rtol=0, atol=0)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, peft_dir)
+    loaded = {k.replace(".default.", "."): v for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    assert sorted(loaded) == sorted(exported)
+    for key, value in exported.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+    reference = peft_model.merge_and_unload().state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).state_dict()
+    assert sorted(merged) == sorted(reference)
+    changed = []
+    for key, value in merged.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
+        if not torch.equal(value, original[key]):
+            changed.append(key.split(".", 3)[-1])
+    assert sorted(set(changed)) == sorted(f"{m}.weight" if "proj" in m and "experts" not in m else m for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj")), changed
 
 
 # --------------------------------------------------------------------------- bad input (fast)
