@@ -542,16 +542,54 @@ def test_lora_grads_survive_full_recompute(megatron_world1):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
 
 
-def test_peft_export_of_expert_adapters_is_refused(tiny_chunks):
-    """transformers keeps routed experts as fused 3-D tensors PEFT cannot target: a per-expert PEFT
-    adapter would not load, so --merge_lora false / --save_safetensors say so (merged export works)."""
+def test_peft_export_of_expert_adapters_checks(tiny_chunks):
+    """Routed experts are written as PEFT target_parameters adapters of transformers' fused 3-D
+    tensors for qwen3_moe (tested against PEFT); what has no such form is refused before anything
+    is written, naming the way out: other MoE families, per-projection (canonical) expert fc1
+    adapters (PEFT's gate_up_proj adapter has one A), experts adapted in some layers only."""
     from megatron_swift.tuners.lora import LoraSettings, apply_lora
-    from megatron_swift.tuners.peft_io import check_peft_exportable
+    from megatron_swift.tuners.peft_io import check_peft_exportable, expert_target_parameters
 
-    chunks, config, _ = tiny_chunks("qwen3_moe")
+    chunks, config, gpt = tiny_chunks("qwen3_moe")
     apply_lora(chunks, config, LoraSettings(rank=4))
-    with pytest.raises(ValueError, match="--merge_lora true"):
+    check_peft_exportable(chunks, "--merge_lora false", gpt.family)
+    assert expert_target_parameters(chunks, gpt.family) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    with pytest.raises(ValueError, match="--merge_lora true"):  # no family given: nothing is assumed
         check_peft_exportable(chunks, "--merge_lora false")
-    attention_only, config, _ = tiny_chunks("qwen3_moe")
+    other, config, gpt = tiny_chunks("qwen2_moe")
+    apply_lora(other, config, LoraSettings(rank=4))
+    with pytest.raises(ValueError, match="--save_safetensors: .*qwen3_moe only.*--merge_lora true"):
+        check_peft_exportable(other, "--save_safetensors", gpt.family)
+    gate_only, config, gpt = tiny_chunks("qwen3_moe")
+    apply_lora(gate_only, config, LoraSettings(rank=4, target_modules=("gate_proj", "down_proj")))
+    with pytest.raises(ValueError, match="canonical"):
+        check_peft_exportable(gate_only, "--merge_lora false", gpt.family)
+    layer0, config, gpt = tiny_chunks("qwen3_moe")
+    apply_lora(layer0, config, LoraSettings(rank=4, target_regex=r"decoder\.layers\.0\..*experts.*linear_fc2"))
+    with pytest.raises(ValueError, match="some experts"):
+        check_peft_exportable(layer0, "--merge_lora false", gpt.family)
+    attention_only, config, gpt = tiny_chunks("qwen3_moe")
     apply_lora(attention_only, config, LoraSettings(rank=4, target_modules=("linear_qkv", "linear_proj")))
-    check_peft_exportable(attention_only, "--merge_lora false")
+    check_peft_exportable(attention_only, "--merge_lora false", gpt.family)
+    assert expert_target_parameters(attention_only, gpt.family) == []
+
+
+def test_peft_target_parameters_config_is_read(tmp_path):
+    """A PEFT config with target_parameters on the fused expert tensors adapts each expert's fc1 /
+    fc2 (and nothing else it does not name); other target_parameters are refused by name."""
+    from safetensors.torch import save_file
+
+    from megatron_swift.tuners.lora import LoraSettings
+    from megatron_swift.tuners.peft_io import settings_from_peft
+
+    def adapter(**cfg):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=4, lora_alpha=8, **cfg)))
+        save_file({"x.lora_A.weight": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+        return settings_from_peft(LoraSettings(), str(tmp_path))
+
+    got = adapter(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    assert got.target_modules == ("k_proj", "linear_fc1", "linear_fc2", "o_proj", "q_proj", "v_proj")
+    assert adapter(target_modules=None, target_parameters=["mlp.experts.down_proj"]).target_modules == ("linear_fc2",)
+    with pytest.raises(ValueError, match="--adapters .*target_parameters 'mlp.router.weight'"):
+        adapter(target_modules=["q_proj"], target_parameters=["mlp.router.weight"])
