@@ -591,5 +591,8 @@ def test_peft_target_parameters_config_is_read(tmp_path):
                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     assert got.target_modules == ("k_proj", "linear_fc1", "linear_fc2", "o_proj", "q_proj", "v_proj")
     assert adapter(target_modules=None, target_parameters=["mlp.experts.down_proj"]).target_modules == ("linear_fc2",)
-    with pytest.raises(ValueError, match="--adapters .*target_parameters 'mlp.router.weight'"):
-        adapter(target_modules=["q_proj"], target_parameters=["mlp.router.weight"])
+    assert adapter(target_parameters=["gate_up_proj"]).target_modules == ("linear_fc1",)  # PEFT's short form
+    with pytest.raises(ValueError, match="--adapters .*target_parameters 'gate.weight'"):  # PEFT's all-linear: router
+        adapter(target_modules=["q_proj"], target_parameters=["gate.weight"])
+    with pytest.raises(ValueError, match="--adapters .*rank-2r adapter on the experts' fused gate_up_proj"):
+        adapter(target_modules=["q_proj"], target_parameters=["gate_up_proj"], rank_pattern={r".*\.gate_up_proj": 8})

@@ -67,10 +67,18 @@ def settings_from_peft(settings: LoraSettings, adapter_dir: str) -> LoraSettings
         raise ValueError(f"argument --adapters {adapter_dir}: modules_to_save {cfg['modules_to_save']} in a PEFT "
                          f"adapter is not built")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        patterns = {**(cfg.get("rank_pattern") or {}), **(cfg.get("alpha_pattern") or {})}
+        if any("gate_up_proj" in k for k in patterns):  # PEFT's own conversion for transformers-5 MoE experts
+            raise ValueError(f"argument --adapters {adapter_dir}: a rank-2r adapter on the experts' fused gate_up_proj "
+                             f"(what PEFT makes of target_modules gate_proj/up_proj or all-linear on a transformers-5 "
+                             f"MoE) is not built; read are target_parameters mlp.experts.gate_up_proj / down_proj "
+                             f"at the adapter's rank (what `megatron export --mcore_adapters` writes)")
         raise ValueError(f"argument --adapters {adapter_dir}: per-module rank_pattern/alpha_pattern is not built")
     expert_targets = []  # PEFT's adapters of fused 3-D expert tensors -> our per-expert fc1 / fc2
     for param in cfg.get("target_parameters") or ():
-        leaf = next((v for k, v in STACKED_EXPERT_TARGETS.items() if param == k or param.endswith("." + k)), None)
+        # PEFT matches a parameter path by its end: "down_proj", "experts.down_proj", "model.layers.0.mlp.experts..."
+        leaf = next((v for k, v in STACKED_EXPERT_TARGETS.items()
+                     if param == k or param.endswith("." + k) or k.endswith("." + param)), None)
         if leaf is None:
             raise ValueError(f"argument --adapters {adapter_dir}: target_parameters {param!r} is not built (read are "
                              f"{', '.join(STACKED_EXPERT_TARGETS)})")
