@@ -241,6 +241,7 @@ def _check_moe_export(model, adapter_dir, tmp_path):
     checkpoint = _adapter_tensors(adapter_dir / "iter_0000003")  # [layer, expert, ...] per factor
     a_fc1 = checkpoint["decoder.layers.mlp.experts.experts.linear_fc1.lora_A.weight"]
     layers, experts, r = a_fc1.shape[:3]
+    assert len(exported) == layers * (8 + 4)  # q/k/v/o + the two expert tensors, A and B each
     for layer in range(layers):
         prefix = f"base_model.model.model.layers.{layer}.mlp.experts."
         for path, leaf in ((prefix + "base_layer.", "linear_fc1"), (prefix, "linear_fc2")):
