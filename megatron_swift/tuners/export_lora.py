@@ -121,10 +121,10 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not merge:
         tensors = adapter_to_peft(chunks, config, gpt)
+        expert_params = expert_target_parameters(chunks, gpt.family)
         with atomic_output_dir(out_dir, exist_ok) as tmp:
             if rank0:
-                save_peft_adapter(tensors, tmp, settings, recorded.get("model"),
-                                  expert_target_parameters(chunks, gpt.family))
+                save_peft_adapter(tensors, tmp, settings, recorded.get("model"), expert_params)
         logger.info("wrote the PEFT adapter (%d tensors) to %s", len(tensors), out_dir)
         return
     merged = merge_adapters(chunks)

@@ -127,6 +127,7 @@ class _Adapted:
     expert: Optional[int] = None  # global expert index
     num_experts: int = 0
     stacked_param: str = ""  # the 3-D tensor's parameter name (gate_up_proj / down_proj)
+    target_parameter: str = ""  # PEFT's target_parameters entry of it (mlp.experts.gate_up_proj)
     rule_index: int = 0  # position of the rule in the family's mapping (nesting order)
 
 
@@ -147,7 +148,7 @@ def _adapted_layers(chunks: list, family, num_experts: int = 0):
     """Every adapted layer of this rank (``_Adapted``). Routed experts of the families in
     ``STACKED_EXPERT_FAMILIES`` get the PEFT path of their 3-D tensor's adapter, nested as PEFT
     nests the wrappers of one module (in the order of its parameters, i.e. of the family's rules)."""
-    from megatron_swift.converters.mapping import format_key, split_name
+    from megatron_swift.converters.mapping import HF_LAYER, format_key, split_name
     from megatron_swift.converters.registry import mapping_for
 
     from megatron_swift.model.builder import unwrap
@@ -175,6 +176,7 @@ def _adapted_layers(chunks: list, family, num_experts: int = 0):
             if source is not None:
                 item.stacked, item.expert, item.num_experts = format_key(source[0], layer, None), expert, num_experts
                 item.stacked_param, item.rule_index = source[1], mapping.rules.index(rule)
+                item.target_parameter = f"{source[0].replace(HF_LAYER, '', 1)}.{source[1]}"
             found.append(item)
     # nesting: of a module's adapted 3-D tensors the first (in rule order) is the innermost wrapper
     adapted = {}
@@ -189,15 +191,13 @@ def _adapted_layers(chunks: list, family, num_experts: int = 0):
 
 
 def expert_target_parameters(chunks: list, family) -> list:
-    """PEFT's ``target_parameters`` of the adapted 3-D expert tensors (``mlp.experts.gate_up_proj``)."""
-    from megatron_swift.converters.mapping import HF_LAYER
-
-    out = set()
-    for item in _adapted_layers(chunks, family):
-        if item.stacked is not None:
-            layer_prefix = HF_LAYER.replace("{layer}", item.stacked.split(".")[2])
-            module = item.stacked.split(".base_layer")[0]
-            out.add(module[len(layer_prefix):] + "." + item.stacked_param)
+    """Collective when distributed (pipeline stages hold different layers): PEFT's
+    ``target_parameters`` of the adapted 3-D expert tensors (``mlp.experts.gate_up_proj``)."""
+    out = {item.target_parameter for item in _adapted_layers(chunks, family) if item.stacked is not None}
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, sorted(out))
+        out = set().union(*map(set, everyone))
     return sorted(out)
 
 
@@ -421,7 +421,9 @@ def save_peft_adapter(tensors: dict, out_dir: str, settings: LoraSettings, base_
            "target_modules": modules, "modules_to_save": None, "init_lora_weights": True, "use_dora": False,
            "fan_in_fan_out": False, "base_model_name_or_path": base_model, "inference_mode": True}
     if stacked:  # routed experts: their 3-D tensors, as target_parameters
-        cfg["target_parameters"] = sorted(set(expert_params or ()))
+        if not expert_params:
+            raise ValueError(f"{out_dir}: expert adapters {sorted(stacked)[:2]} need their target_parameters")
+        cfg["target_parameters"] = sorted(set(expert_params))
         cfg["lora_dropout"] = 0.0  # PEFT's ParamWrapper takes none (dropout is a training-time setting)
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
@@ -443,7 +445,7 @@ class PeftCopy:
         """Collective: every rank calls it with its chunks."""
         out = os.path.join(checkpoint_dir, PEFT_SUBDIR)
         tensors = adapter_to_peft(chunks, self.config, self.gpt_settings)
+        expert_params = expert_target_parameters(chunks, self.gpt_settings.family)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-            save_peft_adapter(tensors, out, self.settings, self.base_model,
-                              expert_target_parameters(chunks, self.gpt_settings.family))
+            save_peft_adapter(tensors, out, self.settings, self.base_model, expert_params)
         return out
