@@ -444,8 +444,8 @@ def test_moe_expert_adapters_vs_peft_target_parameters(tmp_path):
     transformers' fused 3-D expert tensors (``mlp.experts.gate_up_proj`` / ``down_proj``; B random
     non-zero), imported into our per-expert adapters at EP2 (2 processes, ``load_peft_adapter``):
     logits, loss and every adapter grad in PEFT's layout equal PEFT's (fp32; observed logits 2.4e-7,
-    loss 5e-7, grads <= 9.4e-7 relative; expert B's columns read as (expert, r) instead of (r,
-    expert): logits off by 0.41). After 2 Adam steps the adapter written back (``adapter_to_peft``
+    loss 5e-7, grads <= 9.4e-7 relative; sensitivity: expert B's columns read as (expert, r) instead
+    of (r, expert) must fail, logits off by 0.41). After 2 Adam steps the adapter written back (``adapter_to_peft``
     + ``target_parameters``) loads in ``PeftModel.from_pretrained`` with every tensor used and
     gives our logits."""
     from peft import PeftModel
@@ -461,10 +461,11 @@ def test_moe_expert_adapters_vs_peft_target_parameters(tmp_path):
     reference = torch.load(tmp_path / "oracle.pt")
     # the grads are read from megatron's buffers: no distributed optimizer (its shards at DP 2)
     run_checked(torchrun_cmd(PEFT_WORKER, 2, ["--root", tmp_path, "--out", tmp_path / "ep2", "--ep", 2,
-                                              "--steps", 2]), env=worker_env(LORA_DISTOPT="0"))
+                                              "--steps", 2, "--break_expert_order"]), env=worker_env(LORA_DISTOPT="0"))
     ours = torch.load(tmp_path / "ep2" / "ours.pt", weights_only=False)
     assert ours["loss"] == pytest.approx(reference["loss"], abs=2e-6)
     torch.testing.assert_close(ours["logits"], reference["logits"], rtol=0, atol=2e-6)
+    assert (ours["logits_broken"] - reference["logits"]).abs().max() > 0.1  # the expert layout matters
     assert any(".mlp.experts.base_layer.lora_" in k for k in ours["grads"])  # both expert tensors adapted
     _peft_grads_match(reference, ours, rtol=1e-5)
     assert ours["base_unchanged"] and ours["target_parameters"] == sorted(MOE_PARAMETERS)

@@ -271,8 +271,9 @@ def load_peft_adapter(chunks: list, adapter_dir: str, config, gpt_settings) -> N
                     raise ValueError(f"argument --adapters {adapter_dir}: {item.stacked} has A {tuple(a.shape)} and B "
                                      f"{tuple(b.shape)}; {name} needs rank {r} x {e} experts")
                 try:
-                    module.lora_A.weight.copy_(a.reshape(e, r, -1)[item.expert])
-                    module.lora_B.weight.copy_(b.reshape(b.shape[0], r, e)[:, :, item.expert])
+                    a_e, b_e = expert_factors(a, b, r, e, item.expert)
+                    module.lora_A.weight.copy_(a_e)
+                    module.lora_B.weight.copy_(b_e)
                 except RuntimeError as exc:
                     raise ValueError(f"argument --adapters {adapter_dir}: its tensors for {name} do not fit the "
                                      f"model ({exc}); the adapter was trained for another base model") from None
@@ -375,6 +376,13 @@ def adapter_to_peft(chunks: list, config, gpt_settings, value: Optional[Callable
                 experts.setdefault(k, v)
     out.update(_stack_experts(experts, config.num_moe_experts or 0))
     return out
+
+
+def expert_factors(a: torch.Tensor, b: torch.Tensor, rank: int, num_experts: int, expert: int) -> tuple:
+    """Expert ``expert``'s (A ``[r, in]``, B ``[out, r]``) of PEFT's 3-D tensor adapter (A rows
+    (expert, r), B columns (r, expert)); a module function, so a test can break it and see the
+    model test fail."""
+    return a.reshape(num_experts, rank, -1)[expert], b.reshape(b.shape[0], rank, num_experts)[:, :, expert]
 
 
 def _stack_experts(experts: dict, num_experts: int) -> dict:

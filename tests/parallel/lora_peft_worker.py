@@ -12,7 +12,9 @@ steps and records whether every base tensor stayed bit-identical. ``--break_scat
 again with canonical adapters' rows scattered as plain [q; k; v] / [gate; up] blocks instead of
 megatron's layout (a sensitivity check: must differ). ``--moe``: a tiny Qwen3-MoE instead, the PEFT
 adapter on q/k/v/o and, through ``target_parameters``, on the fused 3-D expert tensors
-(``mlp.experts.gate_up_proj`` / ``down_proj``); ``--ep``: expert parallelism of our side.
+(``mlp.experts.gate_up_proj`` / ``down_proj``); ``--ep``: expert parallelism of our side;
+``--break_expert_order``: the logits again with expert B's columns read as (expert, r) instead of
+PEFT's (r, expert) (must differ).
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def oracle(root: str, rslora: bool, targets: list, share_a: bool, kv_heads: int,
 
 
 def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scatter: bool = False,
-         ep: int = 1) -> None:
+         ep: int = 1, break_expert_order: bool = False) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_swift.converters.load import load_hf_into_mcore
@@ -124,6 +126,16 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scat
         result["logits"] = logits()
     result["canonical"] = sorted(n for n, _ in unwrap(ddp[0]).named_parameters()
                                  if re.search(r"\.(q|k|v|gate|up)_proj\.lora_", n))
+    if break_expert_order:  # expert B's columns read as (expert, r): load again, logits, then the right load
+        from megatron_swift.tuners import peft_io
+
+        good = peft_io.expert_factors
+        peft_io.expert_factors = lambda a, b, r, e, i: (a.reshape(e, r, -1)[i], b.reshape(b.shape[0], e, r)[:, i])
+        load_peft_adapter(ddp, os.path.join(root, "adapter"), config, settings)
+        result["logits_broken"] = logits()
+        peft_io.expert_factors = good
+        load_peft_adapter(ddp, os.path.join(root, "adapter"), config, settings)
+        optimizer.reload_model_params()
     if break_scatter:
         from megatron_swift.tuners import lora as lora_module
 
@@ -172,9 +184,10 @@ if __name__ == "__main__":
     p.add_argument("--separate_a", action="store_true")
     p.add_argument("--kv_heads", type=int, default=2)
     p.add_argument("--break_scatter", action="store_true")
+    p.add_argument("--break_expert_order", action="store_true")
     a = p.parse_args()
     if a.oracle:
         oracle(a.root, a.rslora, a.targets.split(","), share_a=not a.separate_a, kv_heads=a.kv_heads,
                moe=a.moe)
     else:
-        ours(a.root, a.out, a.tp, a.pp, a.sp, a.steps, a.break_scatter, a.ep)
+        ours(a.root, a.out, a.tp, a.pp, a.sp, a.steps, a.break_scatter, a.ep, a.break_expert_order)
