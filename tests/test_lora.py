@@ -201,13 +201,75 @@ def _check_export(model, adapter_dir, tmp_path):
 
 @pytest.mark.slow
 def test_lora_moe_expert_parallel_matches_one_process(demo_models, tmp_path, megatron_world1):
-    """Per-expert adapters at EP2 (expert grads on the expert-data-parallel reduce) = one process."""
+    """Per-expert adapters at EP2 (expert grads on the expert-data-parallel reduce) = one process;
+    its PEFT export (--save_safetensors during the run, `megatron export`) and merged export are
+    checked against PEFT (_check_moe_export)."""
     ref, ep2 = tmp_path / "ref", tmp_path / "ep2"
     _lora_sft(demo_models["moe"], demo_models["dataset"], ref, "--train_iters", 3)
     _lora_sft(demo_models["moe"], demo_models["dataset"], ep2, "--train_iters", 3, "--expert_model_parallel_size", 2,
-              nproc=2)
+              "--save_safetensors", "true", nproc=2)
     _assert_same_run(ref, ep2, range(1, 4), adapters_at="iter_0000003")
     assert any(".experts." in k for k in _adapter_tensors(ref / "iter_0000003"))
+    _check_moe_export(demo_models["moe"], ep2, tmp_path)
+
+
+def _check_moe_export(model, adapter_dir, tmp_path):
+    """`megatron export --mcore_adapters` of the EP2 MoE run (1 process): the PEFT dir holds the
+    expert adapters as PEFT's target_parameters adapters of the fused 3-D tensors (A rows (expert,
+    r), B columns (r, expert)), equal to the checkpoint's per-expert factors and to the
+    --save_safetensors copy written during the EP2 run; it loads in PeftModel with every tensor
+    used; --merge_lora true equals PEFT's merge_and_unload() (fp32)."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import megatron
+
+    peft_dir, merged_dir = tmp_path / "peft", tmp_path / "merged"
+    for out, merge in ((peft_dir, "false"), (merged_dir, "true")):
+        proc = megatron("export", "--mcore_adapters", adapter_dir, "--to_hf", "true", "--merge_lora", merge,
+                        "--output_dir", out)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = load_file(peft_dir / "adapter_model.safetensors")
+    during = load_file(adapter_dir / "iter_0000003" / "peft" / "adapter_model.safetensors")
+    assert sorted(during) == sorted(exported)
+    for key in during:
+        torch.testing.assert_close(during[key], exported[key], rtol=0, atol=0)
+    cfg = json.loads((peft_dir / "adapter_config.json").read_text())
+    assert cfg["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    assert sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"] and cfg["lora_dropout"] == 0
+    checkpoint = _adapter_tensors(adapter_dir / "iter_0000003")  # [layer, expert, ...] per factor
+    a_fc1 = checkpoint["decoder.layers.mlp.experts.experts.linear_fc1.lora_A.weight"]
+    layers, experts, r = a_fc1.shape[:3]
+    assert len(exported) == layers * (8 + 4)  # q/k/v/o + the two expert tensors, A and B each
+    for layer in range(layers):
+        prefix = f"base_model.model.model.layers.{layer}.mlp.experts."
+        for path, leaf in ((prefix + "base_layer.", "linear_fc1"), (prefix, "linear_fc2")):
+            a, b = exported[path + "lora_A.weight"], exported[path + "lora_B.weight"]
+            ours = f"decoder.layers.mlp.experts.experts.{leaf}."
+            for e in range(experts):
+                torch.testing.assert_close(a.reshape(experts, r, -1)[e], checkpoint[ours + "lora_A.weight"][layer, e],
+                                           rtol=0, atol=0)
+                torch.testing.assert_close(b.reshape(b.shape[0], r, experts)[:, :, e],
+                                           checkpoint[ours + "lora_B.weight"][layer, e], rtol=0, atol=0)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, peft_dir)
+    loaded = {k.replace(".default.", "."): v for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    assert sorted(loaded) == sorted(exported)
+    for key, value in exported.items():
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+    reference = peft_model.merge_and_unload().state_dict()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).state_dict()
+    original = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).state_dict()
+    assert sorted(merged) == sorted(reference)
+    changed = []
+    for key, value in merged.items():
+        torch.testing.assert_close(value, reference[key], rtol=1e-5, atol=1e-6, msg=key)
+        if not torch.equal(value, original[key]):
+            changed.append(key.split(".", 3)[-1])
+    assert sorted(set(changed)) == sorted(f"{m}.weight" if "proj" in m and "experts" not in m else m for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.experts.gate_up_proj",
+        "mlp.experts.down_proj")), changed
 
 
 # --------------------------------------------------------------------------- bad input (fast)
@@ -376,6 +438,58 @@ def test_model_parity_vs_peft_and_peft_export(tmp_path):
     assert (logits - oracle["logits"]).abs().max() > 1e-3  # training changed the model (not vacuous)
 
 
+@pytest.mark.slow
+def test_moe_expert_adapters_vs_peft_target_parameters(tmp_path):
+    """A tiny Qwen3-MoE with a PEFT adapter on q/k/v/o and, through ``target_parameters``, on
+    transformers' fused 3-D expert tensors (``mlp.experts.gate_up_proj`` / ``down_proj``; B random
+    non-zero), imported into our per-expert adapters at EP2 (2 processes, ``load_peft_adapter``):
+    logits, loss and every adapter grad in PEFT's layout equal PEFT's (fp32; observed logits 2.4e-7,
+    loss 5e-7, grads <= 9.4e-7 relative; sensitivity: expert B's columns read as (expert, r) instead
+    of (r, expert) must fail, logits off by 0.41). After 2 Adam steps the adapter written back (``adapter_to_peft``
+    + ``target_parameters``) loads in ``PeftModel.from_pretrained`` with every tensor used and
+    gives our logits."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from helpers import run_checked, torchrun_cmd, worker_env
+    from lora_peft_worker import MOE_PARAMETERS, TARGETS, oracle
+    from megatron_swift.tuners.lora import LoraSettings
+    from megatron_swift.tuners.peft_io import save_peft_adapter
+
+    oracle(str(tmp_path), False, TARGETS, share_a=True, kv_heads=2, moe=True)
+    reference = torch.load(tmp_path / "oracle.pt")
+    # the grads are read from megatron's buffers: no distributed optimizer (its shards at DP 2)
+    run_checked(torchrun_cmd(PEFT_WORKER, 2, ["--root", tmp_path, "--out", tmp_path / "ep2", "--ep", 2,
+                                              "--steps", 2, "--break_expert_order"]), env=worker_env(LORA_DISTOPT="0"))
+    ours = torch.load(tmp_path / "ep2" / "ours.pt", weights_only=False)
+    assert ours["loss"] == pytest.approx(reference["loss"], abs=2e-6)
+    torch.testing.assert_close(ours["logits"], reference["logits"], rtol=0, atol=2e-6)
+    assert (ours["logits_broken"] - reference["logits"]).abs().max() > 0.1  # the expert layout matters
+    assert any(".mlp.experts.base_layer.lora_" in k for k in ours["grads"])  # both expert tensors adapted
+    _peft_grads_match(reference, ours, rtol=1e-5)
+    assert ours["base_unchanged"] and ours["target_parameters"] == sorted(MOE_PARAMETERS)
+
+    lora = ours["lora"]
+    save_peft_adapter(ours["adapter"], str(tmp_path / "exported"), LoraSettings(rank=lora["rank"], alpha=lora["alpha"],
+                                                                                dropout=0.0),
+                      str(tmp_path / "hf"), ours["target_parameters"])
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").float()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "exported")
+    saved = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    state = {k.replace(".default.", "."): v for k, v in peft_model.state_dict().items() if ".lora_" in k}
+    assert sorted(state) == sorted(saved) and len(saved) == 2 * (8 + 4)
+    for key, value in saved.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+    from parity_worker import global_batch
+
+    batch = global_batch(4, 16, base.config.vocab_size)
+    with torch.no_grad():
+        logits = peft_model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    torch.testing.assert_close(logits, ours["logits_after"], rtol=0, atol=1e-5)
+    assert (logits - reference["logits"]).abs().max() > 1e-3  # training changed the model (not vacuous)
+
+
 def test_lora_plus_gives_b_a_higher_learning_rate(tiny_chunks):
     """--lorap_lr_ratio: megatron-core's param-group overrides put B in groups with max_lr x ratio
     (A keeps the base lr; the standard no-weight-decay groups stay)."""
@@ -430,16 +544,57 @@ def test_lora_grads_survive_full_recompute(megatron_world1):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-7)
 
 
-def test_peft_export_of_expert_adapters_is_refused(tiny_chunks):
-    """transformers keeps routed experts as fused 3-D tensors PEFT cannot target: a per-expert PEFT
-    adapter would not load, so --merge_lora false / --save_safetensors say so (merged export works)."""
+def test_peft_export_of_expert_adapters_checks(tiny_chunks):
+    """Routed experts are written as PEFT target_parameters adapters of transformers' fused 3-D
+    tensors for qwen3_moe (tested against PEFT); what has no such form is refused before anything
+    is written, naming the way out: other MoE families, per-projection (canonical) expert fc1
+    adapters (PEFT's gate_up_proj adapter has one A), experts adapted in some layers only."""
     from megatron_swift.tuners.lora import LoraSettings, apply_lora
-    from megatron_swift.tuners.peft_io import check_peft_exportable
+    from megatron_swift.tuners.peft_io import check_peft_exportable, expert_target_parameters
 
-    chunks, config, _ = tiny_chunks("qwen3_moe")
+    chunks, config, gpt = tiny_chunks("qwen3_moe")
     apply_lora(chunks, config, LoraSettings(rank=4))
-    with pytest.raises(ValueError, match="--merge_lora true"):
+    check_peft_exportable(chunks, "--merge_lora false", gpt.family)
+    assert expert_target_parameters(chunks, gpt.family) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    with pytest.raises(ValueError, match="--merge_lora true"):  # no family given: nothing is assumed
         check_peft_exportable(chunks, "--merge_lora false")
-    attention_only, config, _ = tiny_chunks("qwen3_moe")
+    other, config, gpt = tiny_chunks("qwen2_moe")
+    apply_lora(other, config, LoraSettings(rank=4))
+    with pytest.raises(ValueError, match="--save_safetensors: .*qwen3_moe only.*--merge_lora true"):
+        check_peft_exportable(other, "--save_safetensors", gpt.family)
+    gate_only, config, gpt = tiny_chunks("qwen3_moe")
+    apply_lora(gate_only, config, LoraSettings(rank=4, target_modules=("gate_proj", "down_proj")))
+    with pytest.raises(ValueError, match="canonical"):
+        check_peft_exportable(gate_only, "--merge_lora false", gpt.family)
+    layer0, config, gpt = tiny_chunks("qwen3_moe")
+    apply_lora(layer0, config, LoraSettings(rank=4, target_regex=r"decoder\.layers\.0\..*experts.*linear_fc2"))
+    with pytest.raises(ValueError, match="some experts"):
+        check_peft_exportable(layer0, "--merge_lora false", gpt.family)
+    attention_only, config, gpt = tiny_chunks("qwen3_moe")
     apply_lora(attention_only, config, LoraSettings(rank=4, target_modules=("linear_qkv", "linear_proj")))
-    check_peft_exportable(attention_only, "--merge_lora false")
+    check_peft_exportable(attention_only, "--merge_lora false", gpt.family)
+    assert expert_target_parameters(attention_only, gpt.family) == []
+
+
+def test_peft_target_parameters_config_is_read(tmp_path):
+    """A PEFT config with target_parameters on the fused expert tensors adapts each expert's fc1 /
+    fc2 (and nothing else it does not name); other target_parameters are refused by name."""
+    from safetensors.torch import save_file
+
+    from megatron_swift.tuners.lora import LoraSettings
+    from megatron_swift.tuners.peft_io import settings_from_peft
+
+    def adapter(**cfg):
+        (tmp_path / "adapter_config.json").write_text(json.dumps(dict(peft_type="LORA", r=4, lora_alpha=8, **cfg)))
+        save_file({"x.lora_A.weight": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+        return settings_from_peft(LoraSettings(), str(tmp_path))
+
+    got = adapter(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    assert got.target_modules == ("k_proj", "linear_fc1", "linear_fc2", "o_proj", "q_proj", "v_proj")
+    assert adapter(target_modules=None, target_parameters=["mlp.experts.down_proj"]).target_modules == ("linear_fc2",)
+    assert adapter(target_parameters=["gate_up_proj"]).target_modules == ("linear_fc1",)  # PEFT's short form
+    with pytest.raises(ValueError, match="--adapters .*target_parameters 'gate.weight'"):  # PEFT's all-linear: router
+        adapter(target_modules=["q_proj"], target_parameters=["gate.weight"])
+    with pytest.raises(ValueError, match="--adapters .*rank-2r adapter on the experts' fused gate_up_proj"):
+        adapter(target_modules=["q_proj"], target_parameters=["gate_up_proj"], rank_pattern={r".*\.gate_up_proj": 8})

@@ -96,7 +96,9 @@ def test_peft_adapter_with_different_a_selects_canonical(tmp_path):
         assert settings_from_peft(LoraSettings(), str(d)).canonical == expected, name
     config = json.loads((d / "adapter_config.json").read_text())
     (d / "adapter_config.json").write_text(json.dumps(dict(config, target_parameters=["mlp.experts.down_proj"])))
-    with pytest.raises(ValueError, match="target_parameters"):  # PEFT's 3-D expert adapters: refused by name
+    assert "linear_fc2" in settings_from_peft(LoraSettings(), str(d)).target_modules  # experts' 3-D tensor
+    (d / "adapter_config.json").write_text(json.dumps(dict(config, target_parameters=["mlp.gate.weight"])))
+    with pytest.raises(ValueError, match="target_parameters"):  # other 3-D / parameter adapters: refused by name
         settings_from_peft(LoraSettings(), str(d))
 
 

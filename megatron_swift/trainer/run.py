@@ -149,7 +149,7 @@ def run_training(args) -> int:
         if settings.checkpoint.save_safetensors:
             from megatron_swift.tuners.peft_io import check_peft_exportable
 
-            check_peft_exportable(chunks, "--save_safetensors")
+            check_peft_exportable(chunks, "--save_safetensors", gpt_settings.family)
     freeze = settings.freeze
     frozen = apply_freezing(chunks, config.num_layers, freeze.freeze_parameters, freeze.freeze_parameters_regex,
                             freeze.freeze_parameters_ratio, freeze.trainable_parameters,

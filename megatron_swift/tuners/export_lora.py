@@ -85,7 +85,7 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     from megatron_swift.trainer.checkpoint import load_checkpoint
 
     from .lora import apply_lora_everywhere
-    from .peft_io import adapter_to_peft, check_peft_exportable, save_peft_adapter
+    from .peft_io import adapter_to_peft, check_peft_exportable, expert_target_parameters, save_peft_adapter
 
     from dataclasses import replace
 
@@ -108,7 +108,7 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
                                                       perform_initialization=False))
     apply_lora_everywhere(chunks, config, settings)
     if not merge:
-        check_peft_exportable(chunks, "--merge_lora false")
+        check_peft_exportable(chunks, "--merge_lora false", gpt.family)
     if mcore_model:
         load_checkpoint(mcore_model, chunks, finetune=True, part="base", what="--mcore_model")
     else:
@@ -121,9 +121,10 @@ def export_lora(adapter_dir: str, out_dir: str, *, merge: bool, model_dir: Optio
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if not merge:
         tensors = adapter_to_peft(chunks, config, gpt)
+        expert_params = expert_target_parameters(chunks, gpt.family)
         with atomic_output_dir(out_dir, exist_ok) as tmp:
             if rank0:
-                save_peft_adapter(tensors, tmp, settings, recorded.get("model"))
+                save_peft_adapter(tensors, tmp, settings, recorded.get("model"), expert_params)
         logger.info("wrote the PEFT adapter (%d tensors) to %s", len(tensors), out_dir)
         return
     merged = merge_adapters(chunks)

@@ -10,7 +10,11 @@ megatron's schedule and writes OUT/ours.pt: loss, logits (no PP), the adapter gr
 layout (``adapter_to_peft``, what the PEFT export runs); with ``--steps N`` it also trains N Adam
 steps and records whether every base tensor stayed bit-identical. ``--break_scatter``: the logits
 again with canonical adapters' rows scattered as plain [q; k; v] / [gate; up] blocks instead of
-megatron's layout (a sensitivity check: must differ).
+megatron's layout (a sensitivity check: must differ). ``--moe``: a tiny Qwen3-MoE instead, the PEFT
+adapter on q/k/v/o and, through ``target_parameters``, on the fused 3-D expert tensors
+(``mlp.experts.gate_up_proj`` / ``down_proj``); ``--ep``: expert parallelism of our side;
+``--break_expert_order``: the logits again with expert B's columns read as (expert, r) instead of
+PEFT's (r, expert) (must differ).
 """
 
 from __future__ import annotations
@@ -26,23 +30,32 @@ sys.path.insert(0, os.path.dirname(__file__))
 from parity_worker import global_batch, microbatches  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 SEQ, N = 16, 4
 
 
-def oracle(root: str, rslora: bool, targets: list, share_a: bool, kv_heads: int) -> None:
+def oracle(root: str, rslora: bool, targets: list, share_a: bool, kv_heads: int, moe: bool = False) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     from megatron_swift.model.tiny import tiny_hf_config
 
     torch.manual_seed(0)
-    # kv_heads 4 (8 query heads): 2 query groups per rank at TP2, so a wrong row scatter shows there too
-    cfg = tiny_hf_config("qwen3", num_hidden_layers=2, num_key_value_heads=kv_heads, num_attention_heads=2 * kv_heads)
+    extra = {}
+    if moe:  # routed experts as transformers' fused 3-D tensors, adapted by PEFT's target_parameters
+        # no load-balancing loss: transformers' logits path has none (ours would add its gradient)
+        cfg = tiny_hf_config("qwen3_moe", num_hidden_layers=2, router_aux_loss_coef=0.0)
+        targets = [t for t in targets if t in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        extra["target_parameters"] = MOE_PARAMETERS
+    else:
+        # kv_heads 4 (8 query heads): 2 query groups per rank at TP2, so a wrong row scatter shows there too
+        cfg = tiny_hf_config("qwen3", num_hidden_layers=2, num_key_value_heads=kv_heads,
+                             num_attention_heads=2 * kv_heads)
     cfg._attn_implementation = "eager"
     model = AutoModelForCausalLM.from_config(cfg).float()
     model.save_pretrained(os.path.join(root, "hf"), safe_serialization=True)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets,
-                                            use_rslora=rslora))
+                                            use_rslora=rslora, **extra))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         modules = dict(peft.named_modules())
@@ -72,7 +85,8 @@ def oracle(root: str, rslora: bool, targets: list, share_a: bool, kv_heads: int)
     torch.save({"logits": logits.detach(), "loss": loss.item(), "grads": grads}, os.path.join(root, "oracle.pt"))
 
 
-def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scatter: bool = False) -> None:
+def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scatter: bool = False,
+         ep: int = 1, break_expert_order: bool = False) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_swift.converters.load import load_hf_into_mcore
@@ -81,9 +95,11 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scat
     from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, wrap_ddp
     from megatron_swift.trainer.step import forward_backward
     from megatron_swift.tuners.lora import LoraSettings, apply_lora
-    from megatron_swift.tuners.peft_io import adapter_to_peft, load_peft_adapter, settings_from_peft
+    from megatron_swift.tuners.peft_io import (adapter_to_peft, expert_target_parameters, load_peft_adapter,
+                                               settings_from_peft)
 
-    init_parallel(ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp), seed=7)
+    init_parallel(ParallelLayout(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep), seed=7)
     hf = load_hf_config(os.path.join(root, "hf"))
     chunks, config, settings = build_model(hf, dict(sequence_parallel=sp, calculate_per_token_loss=True))
     lora = settings_from_peft(LoraSettings(dropout=0.0), os.path.join(root, "adapter"))
@@ -110,6 +126,16 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scat
         result["logits"] = logits()
     result["canonical"] = sorted(n for n, _ in unwrap(ddp[0]).named_parameters()
                                  if re.search(r"\.(q|k|v|gate|up)_proj\.lora_", n))
+    if break_expert_order:  # expert B's columns read as (expert, r): load again, logits, then the right load
+        from megatron_swift.tuners import peft_io
+
+        good = peft_io.expert_factors
+        peft_io.expert_factors = lambda a, b, r, e, i: (a.reshape(e, r, -1)[i], b.reshape(b.shape[0], e, r)[:, i])
+        load_peft_adapter(ddp, os.path.join(root, "adapter"), config, settings)
+        result["logits_broken"] = logits()
+        peft_io.expert_factors = good
+        load_peft_adapter(ddp, os.path.join(root, "adapter"), config, settings)
+        optimizer.reload_model_params()
     if break_scatter:
         from megatron_swift.tuners import lora as lora_module
 
@@ -133,6 +159,7 @@ def ours(root: str, out: str, tp: int, pp: int, sp: bool, steps: int, break_scat
         result["base_unchanged"] = all(torch.equal(p, base[n]) for n, p in unwrap(ddp[0]).named_parameters()
                                        if n in base)
         result["adapter"] = adapter_to_peft(ddp, config, settings)
+        result["target_parameters"] = expert_target_parameters(ddp, settings.family)
         if pp == 1:
             result["logits_after"] = logits()
     if torch.distributed.get_rank() == 0:
@@ -149,14 +176,18 @@ if __name__ == "__main__":
     p.add_argument("--rslora", action="store_true")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--moe", action="store_true")
     p.add_argument("--sp", action="store_true")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--separate_a", action="store_true")
     p.add_argument("--kv_heads", type=int, default=2)
     p.add_argument("--break_scatter", action="store_true")
+    p.add_argument("--break_expert_order", action="store_true")
     a = p.parse_args()
     if a.oracle:
-        oracle(a.root, a.rslora, a.targets.split(","), share_a=not a.separate_a, kv_heads=a.kv_heads)
+        oracle(a.root, a.rslora, a.targets.split(","), share_a=not a.separate_a, kv_heads=a.kv_heads,
+               moe=a.moe)
     else:
-        ours(a.root, a.out, a.tp, a.pp, a.sp, a.steps, a.break_scatter)
+        ours(a.root, a.out, a.tp, a.pp, a.sp, a.steps, a.break_scatter, a.ep, a.break_expert_order)
