@@ -79,28 +79,23 @@ def _hf_tensors(lp: LocalParam, tensor: torch.Tensor, geo: Geometry, ranks: _Ran
     stage's writer only, or with ``everywhere`` on every rank of the stage (all-gathers; every
     data-parallel replica gathers its own copy)."""
     rule = lp.rule
-    if not rule.is_expert:
-        if ranks.dp_rank != 0 and not everywhere:
-            return  # another data-parallel replica writes it
-        if rule.tp_dim is None:
-            shards = [tensor]
-        elif everywhere:
-            shards = comm.all_gather_list(tensor, ranks.tp_group, ranks.tp_size)
-        else:
-            shards = comm.gather(tensor, ranks.tp_group, ranks.tp_size, ranks.tp_rank == 0)
-        if ranks.tp_rank != 0 and not everywhere:
-            return
-        yield from zip(lp.hf_keys(), local_shards_to_hf(rule, shards, geo))
-        return
-    if ranks.edp_rank != 0 and not everywhere:
-        return
+    # dense tensors are split over TP and replicated over DP; experts over expert-TP and expert-DP
+    if rule.is_expert:
+        dp_rank, group, size, rank = ranks.edp_rank, ranks.etp_group, ranks.etp_size, ranks.etp_rank
+    else:
+        dp_rank, group, size, rank = ranks.dp_rank, ranks.tp_group, ranks.tp_size, ranks.tp_rank
+    if dp_rank != 0 and not everywhere:
+        return  # another data-parallel replica writes it
     if rule.tp_dim is None:
         shards = [tensor]
     elif everywhere:
-        shards = comm.all_gather_list(tensor, ranks.etp_group, ranks.etp_size)
+        shards = comm.all_gather_list(tensor, group, size)
     else:
-        shards = comm.gather(tensor, ranks.etp_group, ranks.etp_size, ranks.etp_rank == 0)
-    if ranks.etp_rank != 0 and not everywhere:
+        shards = comm.gather(tensor, group, size, rank == 0)
+    if rank != 0 and not everywhere:
+        return
+    if not rule.is_expert:
+        yield from zip(lp.hf_keys(), local_shards_to_hf(rule, shards, geo))
         return
     for source, hf in zip(lp.sources, local_shards_to_hf(rule, shards, geo)):
         if everywhere:
