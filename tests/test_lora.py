@@ -108,7 +108,10 @@ def _assert_same_run(ref, other, iterations, adapters_at=None):
         lora_keys = [k for k in a if k.startswith("decoder.")]
         assert lora_keys and set(lora_keys) <= set(b)
         for k in lora_keys:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+            # atol: a tenth of one Adam step (lr 1e-3). Adam's first steps move an element by
+            # ~lr * g / (|g| + eps), so where a gradient cancels to ~eps the layouts' rounding shows
+            # in single elements (measured: 2.4e-5 in 1 of 4096); a wrong shard moves rows by ~lr.
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4, msg=k)
 
 
 @pytest.fixture(scope="module")

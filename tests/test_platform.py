@@ -64,6 +64,37 @@ def test_megatron_optimizer_dtype_checks_pass(megatron_world1):
         sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("distributed", [True, False])
+def test_torch_adam_runs_fused_and_updates_as_adamw(megatron_world1, distributed):
+    """Without TE/apex megatron builds torch's AdamW, which on CPU tensors defaults to its per-tensor
+    loop; ours runs torch's fused kernel. Oracle: torch's per-tensor AdamW on copies of the weights
+    with the same gradients, two steps."""
+    from megatron_swift.model import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.trainer.model_setup import OptimizerSettings, build_optimizer, model_parameters, wrap_ddp
+
+    (model,), config, _ = build_model(tiny_hf_config("qwen3"))
+    settings = OptimizerSettings(lr=1e-2, weight_decay=0.0, clip_grad=0.0, use_distributed_optimizer=distributed)
+    chunks = wrap_ddp([model], config, settings)
+    optimizer = build_optimizer(chunks, config, settings)
+    groups = [g for part in getattr(optimizer, "chained_optimizers", [optimizer]) for g in part.optimizer.param_groups]
+    assert groups and all(g["fused"] for g in groups)
+
+    params = [p for _, p in model_parameters(chunks)]
+    copies = [p.detach().clone().requires_grad_(True) for p in params]
+    oracle = torch.optim.AdamW(copies, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        for p, c in zip(params, copies):
+            grad = torch.randn(p.shape, generator=g)
+            p.main_grad.copy_(grad)
+            c.grad = grad.clone()
+        assert optimizer.step()[0]
+        oracle.step()
+    for p, c in zip(params, copies):
+        torch.testing.assert_close(p.detach(), c.detach(), rtol=1e-6, atol=1e-7)
+
+
 _LAYER_SCOPE = r"""
 import json, torch
 from transformers import AutoModelForCausalLM

@@ -49,20 +49,28 @@ def thd_inputs(lengths, heads=4, groups=2, dim=8, seed=0, requires_grad=False):
     return q, k, v, cu, params
 
 
-def test_thd_equals_each_sequence_alone(megatron_world1):
-    """Output and gradients of one THD call == attention run on every sequence separately (GQA)."""
+def megatron_alone(lengths, q, k, v, **config):
+    """megatron-core's ``DotProductAttention`` run on every sequence of a THD row separately."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    plain = make_attention(DotProductAttention, **config)
+    cu = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    return torch.cat([plain(q[a:b].unsqueeze(1), k[a:b].unsqueeze(1), v[a:b].unsqueeze(1), None).squeeze(1)
+                      for a, b in zip(cu[:-1], cu[1:])])
+
+
+def test_thd_equals_each_sequence_alone(megatron_world1):
+    """Output and gradients of one THD call == attention run on every sequence separately (GQA):
+    megatron's own kernel and the plain formula. Causal softmax attention runs through SDPA."""
     from megatron_swift.kernels.attention import reference_attention
 
-    attn, plain = make_attention(), make_attention(DotProductAttention)
+    attn = make_attention()
+    assert attn._fused_attention_fits()
     q, k, v, cu, params = thd_inputs(LENGTHS, requires_grad=True)
     out = attn(q, k, v, None, packed_seq_params=params)
     assert out.shape == (sum(LENGTHS), 4 * 8)
     bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
-    alone = torch.cat([plain(q[a:b].unsqueeze(1), k[a:b].unsqueeze(1), v[a:b].unsqueeze(1), None).squeeze(1)
-                       for a, b in bounds])
-    assert torch.equal(out, alone)  # same kernel per sequence: bit-identical
+    torch.testing.assert_close(out, megatron_alone(LENGTHS, q, k, v), rtol=1e-5, atol=1e-6)
     ref = torch.cat([reference_attention(q[a:b], k[a:b], v[a:b]) for a, b in bounds])
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -71,6 +79,34 @@ def test_thd_equals_each_sequence_alone(megatron_world1):
     ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_thd_keeps_megatrons_kernel_where_sdpa_would_differ(megatron_world1):
+    """Attention dropout in training (drawn from megatron's RNG tracker), sliding windows and
+    query-key layer scaling: the first two stay megatron's per-sequence kernel (bit-identical), the
+    last is SDPA with megatron's combined scale."""
+    q, k, v, cu, params = thd_inputs([6, 11, 4], seed=3)
+    attn = make_attention(attention_dropout=0.5).train()
+    assert not attn._fused_attention_fits()
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    states, cpu_state = tracker.get_states(), torch.get_rng_state()
+    out = attn(q, k, v, None, packed_seq_params=params)
+    tracker.set_states(states)
+    torch.set_rng_state(cpu_state)
+    assert torch.equal(out, megatron_alone([6, 11, 4], q, k, v, attention_dropout=0.5))
+    windowed = make_attention(window_size=(2, 0))
+    assert not windowed._fused_attention_fits()
+    out = windowed(q, k, v, None, packed_seq_params=params)
+    assert torch.equal(out, megatron_alone([6, 11, 4], q, k, v, window_size=(2, 0)))
+    assert not torch.allclose(out, make_attention()(q, k, v, None, packed_seq_params=params))
+    scaled = make_attention(apply_query_key_layer_scaling=True, fp16=True, params_dtype=torch.float16)
+    assert scaled._fused_attention_fits() and scaled.scale_mask_softmax.scale is not None
+    halves = [t.half() for t in (q, k, v)]
+    torch.testing.assert_close(scaled(*halves, None, packed_seq_params=params).float(),
+                               megatron_alone([6, 11, 4], *halves, apply_query_key_layer_scaling=True, fp16=True,
+                                              params_dtype=torch.float16).float(), rtol=2e-3, atol=2e-3)
 
 
 def test_no_attention_across_boundaries(megatron_world1):

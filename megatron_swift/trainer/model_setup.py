@@ -131,6 +131,7 @@ def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings, param
     if param_group_overrides:
         overrides = {**get_standard_config_overrides(opt_config), **param_group_overrides}
     optimizer = get_megatron_optimizer(opt_config, ddp_chunks, config_overrides=overrides)
+    _fused_torch_adam(optimizer)
     # The hooks megatron's schedules call: grad sync/scaling after the last microbatch, loss
     # scaling for fp16, and no_sync across microbatches.
     config.finalize_model_grads_func = finalize_model_grads
@@ -139,6 +140,21 @@ def build_optimizer(ddp_chunks: list, config, settings: OptimizerSettings, param
     if len(ddp_chunks) == 1:
         config.no_sync_func = config.no_sync_func[0]
     return optimizer
+
+
+def _fused_torch_adam(optimizer) -> None:
+    """Where megatron falls back to torch's Adam/AdamW (no Transformer Engine / apex FusedAdam), run
+    torch's fused implementation: for CPU tensors torch otherwise picks its per-tensor Python loop
+    (eight ops a parameter, 17 ms of a 210 ms CPU step). ``swift sft`` trains with the same
+    (``adamw_torch_fused``)."""
+    from megatron_swift.platform.mcore_compat import torch_adam_classes
+
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if isinstance(inner, torch_adam_classes()):
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=False)
+            inner.defaults.update(fused=True, foreach=False)
 
 
 def zero_grads(ddp_chunks: list, optimizer) -> None:
