@@ -8,7 +8,9 @@ side, `--dataset_shuffle false` here), and the same hyper-parameters: AdamW (bet
 1e-8, no weight decay), constant lr (no warm-up: the two schedulers count warm-up steps
 differently), gradient clipping 1.0, fp32, sdpa attention, global batch = micro batch (no
 accumulation), loss averaged over the batch's trained tokens. The step-by-step losses must then
-agree to ~1e-5 relative; real (non-padding) tokens/s of the steady steps is compared.
+agree to ~1e-5 relative; real (non-padding) tokens/s of the steady steps is compared. The three runs
+are repeated in interleaved rounds (`--repeats`, default 3) and each tool's median round is reported
+with the range: on a shared (virtual) machine the speed of the same run drifts by 20-40% between runs.
 
     .venv/bin/python scripts/bench_vs_swift.py --out output/bench_vs_swift
 
@@ -117,14 +119,23 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the three runs")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     swift = ensure_swift(os.path.abspath(args.swift_venv or os.path.join(out, "swift-venv")))
     inputs = make_inputs(out, args.rows)
-    results = {"swift sft (1 process, padded)": run_swift(swift, inputs, out, args),
-               "megatron sft (1 process, padding-free)": run_megatron(inputs, out, args, 1),
-               "megatron sft (2 processes TP=2 + SP, padding-free)": run_megatron(inputs, out, args, 2)}
+    runs = {"swift sft (1 process, padded)": lambda: run_swift(swift, inputs, out, args),
+            "megatron sft (1 process, padding-free)": lambda: run_megatron(inputs, out, args, 1),
+            "megatron sft (2 processes TP=2 + SP, padding-free)": lambda: run_megatron(inputs, out, args, 2)}
+    rounds = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            rounds[name].append(run())
+    results = {}
+    for name, done in rounds.items():  # the median round's record, with every round's time in run order
+        median = sorted(done, key=lambda r: r["steady_seconds"])[len(done) // 2]
+        results[name] = dict(median, steady_seconds_rounds=[r["steady_seconds"] for r in done])
     return report(results, args, out)
 
 
@@ -137,14 +148,18 @@ def report(results, args, out) -> int:
     # same rows in the same order and the same encodings: every tool's step n holds these tokens
     steady_tokens = sum(ours["tokens"][STEADY_FROM - 1:])
     ref = results[names[0]]
-    base = steady_tokens / ref["steady_seconds"]
-    lines = [f"| run | real tokens/s (steps {STEADY_FROM}-{args.steps}) | vs swift sft | wall incl. start-up (s) "
-             "| max rel. loss diff vs swift sft | max rel. grad-norm diff |", "|---|---|---|---|---|---|"]
+    lines = [f"| run | real tokens/s (steps {STEADY_FROM}-{args.steps}), median round | each round | vs swift sft "
+             "(median of the rounds' ratios) | wall incl. start-up (s) | max rel. loss diff vs swift sft "
+             "| max rel. grad-norm diff |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         tps = steady_tokens / r["steady_seconds"]
         loss = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
         grad = max(abs(a - b) / abs(b) for a, b in zip(r["grad_norms"], ref["grad_norms"]))
-        lines.append(f"| {name} | {tps:.0f} | {tps / base:.2f}x | {r['wall_s']:.0f} | {loss:.1e} | {grad:.1e} |")
+        each = [steady_tokens / seconds for seconds in r["steady_seconds_rounds"]]
+        # a round's runs follow each other, so its ratio is the least affected by the machine's drift
+        ratios = sorted(swift_s / ours_s for swift_s, ours_s in zip(ref["steady_seconds_rounds"], r["steady_seconds_rounds"]))
+        lines.append(f"| {name} | {tps:.0f} | {', '.join(f'{x:.0f}' for x in each)} | {ratios[len(ratios) // 2]:.2f}x "
+                     f"| {r['wall_s']:.0f} | {loss:.1e} | {grad:.1e} |")
     header = (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
               f"megatron-core {megatron.core.__version__}, ms-swift {SWIFT_VERSION}; {args.rows} rows, {args.steps} steps, "
               f"batch {args.batch}, lr {args.lr} constant; {sum(ours['tokens'])} real tokens, "
