@@ -97,9 +97,10 @@ def set_tensor_parallel_attributes(model) -> int:
     return marked
 
 
-def _torch_adam_parts(optimizer) -> list:
+def torch_adam_parts(optimizer) -> list:
     """The (distributed) optimizers of a possibly chained megatron optimizer whose inner optimizer is
-    torch's Adam/AdamW (no apex / Transformer Engine FusedAdam): where the two load bugs below live."""
+    torch's Adam/AdamW (no apex / Transformer Engine FusedAdam): where the two load bugs below live,
+    and what trainer/model_setup switches to torch's fused kernel."""
     parts = getattr(optimizer, "chained_optimizers", [optimizer])
     return [p for p in parts if isinstance(getattr(p, "optimizer", None), (torch_adam_classes()))]
 
@@ -127,7 +128,7 @@ def prepare_optimizer_load(optimizer) -> list:
     if not _needs_adam_load_fixes():
         return []
     patched = []
-    for opt in _torch_adam_parts(optimizer):
+    for opt in torch_adam_parts(optimizer):
         if not isinstance(opt, DistributedOptimizer) or getattr(opt, "_step_tolerant", False):
             continue
         original = opt._set_main_param_and_optimizer_states  # bound
@@ -161,7 +162,7 @@ def finish_optimizer_load(optimizer) -> int:
     if not _needs_adam_load_fixes():
         return 0
     count = 0
-    for opt in _torch_adam_parts(optimizer):
+    for opt in torch_adam_parts(optimizer):
         for state in opt.optimizer.state.values():
             if isinstance(state.get("step"), torch.Tensor):
                 state["step"] = state["step"].clone()

@@ -147,14 +147,12 @@ def _fused_torch_adam(optimizer) -> None:
     torch's fused implementation: for CPU tensors torch otherwise picks its per-tensor Python loop
     (eight ops a parameter, 17 ms of a 210 ms CPU step). ``swift sft`` trains with the same
     (``adamw_torch_fused``)."""
-    from megatron_swift.platform.mcore_compat import torch_adam_classes
+    from megatron_swift.platform.mcore_compat import torch_adam_parts
 
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(part, "optimizer", None)
-        if isinstance(inner, torch_adam_classes()):
-            for group in inner.param_groups:
-                group.update(fused=True, foreach=False)
-            inner.defaults.update(fused=True, foreach=False)
+    for part in torch_adam_parts(optimizer):
+        for group in part.optimizer.param_groups:
+            group.update(fused=True, foreach=False)
+        part.optimizer.defaults.update(fused=True, foreach=False)
 
 
 def zero_grads(ddp_chunks: list, optimizer) -> None:
