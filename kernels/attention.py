@@ -9,9 +9,10 @@ drop-in subclass (same constructor and ``forward`` signature) that
 * for ``packed_seq_params.qkv_format == "thd"`` (query/key/value ``[t, heads, dim]``, the packed
   sequences back to back, boundaries in ``cu_seqlens``) attends within each sequence separately
   and concatenates the outputs: causal within a sequence, nothing across a boundary. Plain causal
-  softmax attention (the usual case) is one ``scaled_dot_product_attention`` call per sequence
-  (torch's fused flash kernel on CPU: 2x faster than megatron's baddbmm/softmax/bmm for fwd+bwd and
-  no [heads, s, s] tensors kept; equal to megatron's kernel to ~1e-7); attention dropout in training
+  softmax attention (the usual case) is one ``scaled_dot_product_attention`` call per sequence on
+  views of the packed row, GQA inside the kernel (torch's fused flash kernel on CPU: 2x faster than
+  megatron's baddbmm/softmax/bmm for fwd+bwd and no [heads, s, s] tensors kept; equal to megatron's
+  kernel to ~1e-7); attention dropout in training
   (megatron's RNG tracker), sliding windows and other softmax types run megatron's own kernel per
   sequence, bit-identical to attending to each sequence alone. Returns ``[t, heads_per_rank * dim]``
   (Transformer Engine's THD output shape).
@@ -104,14 +105,17 @@ class THDDotProductAttention(DotProductAttention):
                 raise ValueError(f"THD attention expects one packed row, got batch size {query.size(1)}")
             query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
         starts, real = _segments(packed_seq_params, query.size(0))
-        attend = self._fused_attention if self._fused_attention_fits() else self._megatron_attention
+        if self._fused_attention_fits():
+            return self._fused_attention(query, key, value, starts, real)
         outputs = []
         for i in range(len(real) - 1):
             begin, length = starts[i], real[i + 1] - real[i]
             room = starts[i + 1] - begin
             if length:
                 seg = slice(begin, begin + length)
-                outputs.append(attend(query[seg], key[seg], value[seg]))
+                out = super().forward(query[seg].unsqueeze(1), key[seg].unsqueeze(1), value[seg].unsqueeze(1), None,
+                                      packed_seq_params=None)
+                outputs.append(out.squeeze(1))
             if room > length:
                 outputs.append(query.new_zeros(room - length, self.hidden_size_per_partition))
         return torch.cat(outputs, dim=0)
@@ -125,20 +129,25 @@ class THDDotProductAttention(DotProductAttention):
                 and self.config.softmax_type == "vanilla"
                 and (not self.training or self.attention_dropout.p == 0.0))
 
-    def _fused_attention(self, query, key, value):
-        """One sequence ``[s, heads, dim]`` through ``scaled_dot_product_attention`` (CPU: the fused
-        flash kernel; no [heads, s, s] score and probability tensors kept for backward). Keys and
-        values are repeated over their query heads as megatron does."""
-        s, heads = query.size(0), query.size(1)
-        if heads != key.size(1):
-            key = key.repeat_interleave(heads // key.size(1), dim=1)
-            value = value.repeat_interleave(heads // value.size(1), dim=1)
+    def _fused_attention(self, query, key, value, starts, real):
+        """The packed row ``[t, heads, dim]`` as ``[heads, t, dim]`` views (one transpose per tensor,
+        not per sequence), one ``scaled_dot_product_attention`` per sequence on its columns (CPU: the
+        fused flash kernel; no [heads, s, s] score and probability tensors kept for backward), keys and
+        values shared by the query heads of their group inside the kernel (``enable_gqa``, no
+        repeated copies); padding rows of the output are zero."""
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)  # query-key layer scaling
-        # [1, heads, s, dim]: with a batch dimension the CPU backend takes its flash kernel (3-D: math)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        return out.squeeze(0).transpose(0, 1).reshape(s, self.hidden_size_per_partition)
-
-    def _megatron_attention(self, query, key, value):
-        out = super().forward(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), None, packed_seq_params=None)
-        return out.squeeze(1)
+        gqa = query.size(1) != key.size(1)
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, heads, t, dim]
+        outputs = []
+        for i in range(len(real) - 1):
+            begin, length = starts[i], real[i + 1] - real[i]
+            room = starts[i + 1] - begin
+            if length:
+                seg = slice(begin, begin + length)
+                # with a batch dimension the CPU backend takes its flash kernel (3-D: math)
+                outputs.append(torch.nn.functional.scaled_dot_product_attention(
+                    q[:, :, seg], k[:, :, seg], v[:, :, seg], is_causal=True, scale=scale, enable_gqa=gqa))
+            if room > length:
+                outputs.append(q.new_zeros(1, q.size(1), room - length, value.size(-1)))
+        out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
+        return out.squeeze(0).transpose(0, 1).reshape(query.size(0), self.hidden_size_per_partition)
