@@ -37,6 +37,10 @@ def test_cuda_device_arguments_land_on_cpu(megatron_world1):
     assert t.to("cuda").device.type == "cpu"
     assert t.to("cuda", torch.float32).dtype == torch.float32
     assert torch.empty(2, pin_memory=True).device.type == "cpu"
+    assert torch.zeros(2).new_zeros(3, device="cuda").device.type == "cpu"
+    # torch.device as a context (transformers builds models under "meta") still fills in factories
+    with torch.device("meta"):
+        assert torch.empty(2).device.type == "meta" and torch.zeros(1, device="meta").is_meta
     # megatron's optimizer/clip_grads assert tensor.type() == 'torch.cuda.FloatTensor'; only they
     # are answered with CUDA names
     asks = {"__name__": "megatron.core.optimizer.clip_grads", "torch": torch}

@@ -7,12 +7,14 @@ states, asserts ``tensor.type() == "torch.cuda.FloatTensor"`` in the optimizer, 
 and events, and references TE-only symbols in MoE code. ``install()`` bridges them and
 ``uninstall()`` puts everything back:
 
-* ``_CudaToCpuMode`` is a ``TorchFunctionMode`` (thread-local: the thread that initialised the
-  parallel state, where megatron runs). It rewrites every CUDA device argument of a torch call to
-  CPU and turns ``Tensor.cuda()``/``pin_memory()`` into no-ops; one mode catches all ~175 call
-  sites instead of patching each. ``Tensor.type()`` answers with the CUDA spelling only to
-  megatron's optimizer modules, the code that asserts on it; everyone else (transformers, vLLM)
-  sees the true CPU type name.
+* torch's tensor factories (``torch.empty``, ``zeros``, ``tensor``, ``arange``, ... and
+  ``Tensor.new_*``) read a CUDA ``device=`` as CPU and ``pin_memory=True`` as False;
+  ``Tensor.to("cuda")`` stays on CPU and ``Tensor.cuda()``/``pin_memory()`` return the tensor.
+  Patching these ~40 names catches megatron's ~175 call sites, process-wide while installed (its
+  dist-checkpointing threads too), and costs nothing on the other torch calls of a step (a
+  ``TorchFunctionMode`` did the same for every call, ~2 us each: ~8% of a small model's step).
+  ``Tensor.type()`` answers with the CUDA spelling only to megatron's optimizer modules, the code
+  that asserts on it; everyone else (transformers, vLLM) sees the true CPU type name.
 * ``torch.cuda`` helpers that would raise on a CPU build (``current_device``, ``synchronize``,
   streams, events, memory stats, RNG) get CPU stand-ins. ``torch.cuda.is_available()`` stays
   False and ``device_count()`` 0, so megatron's and transformers' own "no CUDA" fallbacks
@@ -27,14 +29,13 @@ megatron-core (tests/test_platform.py); a version bump must re-run those tests.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import threading
 
 import torch
 from typing import Optional
-
-from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
 _install_lock = threading.Lock()
@@ -70,72 +71,57 @@ _CUDA_TYPE_NAMES = {
 
 def _megatron_asks() -> bool:
     """Whether ``Tensor.type()`` was called from megatron's optimizer (the caller is two frames up:
-    this function, then ``__torch_function__``)."""
+    this function, then the ``Tensor.type`` stand-in)."""
     caller = sys._getframe(2).f_globals.get("__name__", "")
     return caller.startswith(_ASKS_FOR_CUDA_TYPE_NAMES)
 
 
-class _CudaToCpuMode(TorchFunctionMode):
-    """Rewrites CUDA placement in torch calls to CPU (see module docstring)."""
+# torch factories that take ``device=`` / ``pin_memory=`` (torch 2.x; what a TorchFunctionMode
+# would see of megatron's allocations), and the Tensor methods that place tensors
+_FACTORIES = ("arange", "as_tensor", "asarray", "empty", "empty_like", "empty_permuted", "empty_strided", "eye",
+              "full", "full_like", "linspace", "logspace", "ones", "ones_like", "rand", "rand_like", "randint",
+              "randint_like", "randn", "randn_like", "randperm", "range", "scalar_tensor", "sparse_coo_tensor",
+              "tensor", "tril_indices", "triu_indices", "zeros", "zeros_like")
+_NEW_METHODS = ("new_empty", "new_empty_strided", "new_full", "new_ones", "new_tensor", "new_zeros")
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.autograd.backward or func is torch.Tensor.backward:
-            return self._backward(func, args, kwargs)
-        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
-            return args[0]
-        if func is torch.Tensor.type and len(args) == 1 and "dtype" not in kwargs and _megatron_asks():
-            tensor = args[0]
-            return _CUDA_TYPE_NAMES.get(tensor.dtype, func(*args, **kwargs))
-        if func is torch.Tensor.is_pinned:
-            return False
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = dict(kwargs, device=_CPU)
-        if kwargs.get("pin_memory"):
-            kwargs = dict(kwargs, pin_memory=False)
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], _CPU) + tuple(args[2:])
-        return func(*args, **kwargs)
 
-    def _backward(self, func, args, kwargs):
-        """Runs autograd with this mode active.
+def _placing_on_cpu(factory):
+    """``factory`` with a CUDA ``device=`` read as CPU and ``pin_memory`` off."""
 
-        A mode is popped while its handler runs, so ``torch.autograd.backward`` called through
-        the handler would run every custom ``Function.backward`` (megatron's TP/SP collectives
-        allocate buffers there) without the CUDA->CPU rewrite. Calling autograd's engine directly
-        with the mode re-entered keeps it active for the whole backward pass.
-        """
-        from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
-        from torch.autograd.graph import _engine_run_backward
+    @functools.wraps(factory)
+    def on_cpu(*args, **kwargs):
+        if kwargs:
+            if _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = _CPU
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+        return factory(*args, **kwargs)
 
-        if func is torch.Tensor.backward:
-            names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "inputs")
-            call = dict(zip(names, args))
-            call.update(kwargs)
-            if "gradient" in call:
-                call["grad_tensors"] = call.pop("gradient")
-        else:
-            names = ("tensors", "grad_tensors", "retain_graph", "create_graph", "grad_variables", "inputs")
-            call = dict(zip(names, args))
-            call.update(kwargs)
-        tensors = call["tensors"]
-        tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
-        inputs = call.get("inputs")
-        if inputs is None:
-            inputs = ()
-        elif isinstance(inputs, torch.Tensor):
-            inputs = (inputs,)
-        else:
-            inputs = tuple(inputs)
-        create_graph = bool(call.get("create_graph") or False)
-        retain_graph = call.get("retain_graph")
-        retain_graph = create_graph if retain_graph is None else retain_graph
-        with self:
-            grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(call.get("grad_tensors"), len(tensors)),
-                                is_grads_batched=False)
-            _engine_run_backward(tensors, grads, retain_graph, create_graph, inputs,
-                                 allow_unreachable=True, accumulate_grad=True)
-        return None
+    return on_cpu
+
+
+def _tensor_stand_ins() -> dict:
+    """``torch.Tensor`` attribute -> its CPU version."""
+    to, type_ = torch.Tensor.to, torch.Tensor.type
+
+    def to_on_cpu(self, *args, **kwargs):
+        if args and _is_cuda_device(args[0]):
+            args = (_CPU,) + args[1:]
+        if kwargs and _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = _CPU
+        return to(self, *args, **kwargs)
+
+    def type_for_megatron(self, *args, **kwargs):
+        if not args and "dtype" not in kwargs and _megatron_asks():
+            return _CUDA_TYPE_NAMES.get(self.dtype) or type_(self)
+        return type_(self, *args, **kwargs)
+
+    stand_ins = {"to": functools.wraps(to)(to_on_cpu), "type": functools.wraps(type_)(type_for_megatron),
+                 "cuda": lambda self, *args, **kwargs: self, "pin_memory": lambda self, *args, **kwargs: self,
+                 "is_pinned": lambda self, *args, **kwargs: False}
+    for name in _NEW_METHODS:
+        stand_ins[name] = _placing_on_cpu(getattr(torch.Tensor, name))
+    return stand_ins
 
 
 class _NullStream:
@@ -235,7 +221,6 @@ class _Installed:
 
     def __init__(self):
         self.patched: list[tuple[object, str, object]] = []  # (owner, name, original)
-        self.mode: Optional[_CudaToCpuMode] = None
 
     def patch(self, owner, name: str, value) -> None:
         self.patched.append((owner, name, getattr(owner, name, _MISSING)))
@@ -283,7 +268,7 @@ _FORK_WARNING_FILTER = _DropForkWarning()
 
 
 def install() -> None:
-    """Installs the CPU compatibility layer in this thread (idempotent). ``init_parallel`` calls it."""
+    """Installs the CPU compatibility layer (idempotent). ``init_parallel`` calls it."""
     global _installed
     with _install_lock:
         if _installed is not None:
@@ -293,10 +278,17 @@ def install() -> None:
             installed.patch(torch.cuda, name, value)
         for name, value in _nvtx_stand_ins().items():
             installed.patch(torch.cuda.nvtx, name, value)
+        # torch.device("meta") as a context (transformers' from_pretrained) recognises factories by
+        # identity in a set it caches on first use: it must hold torch's own functions
+        from torch.utils._device import _device_constructors
+
+        _device_constructors()
+        for name in _FACTORIES:
+            installed.patch(torch, name, _placing_on_cpu(getattr(torch, name)))
+        for name, value in _tensor_stand_ins().items():
+            installed.patch(torch.Tensor, name, value)
         _patch_megatron(installed)
         logging.getLogger("megatron.core.tensor_parallel.random").addFilter(_FORK_WARNING_FILTER)
-        installed.mode = _CudaToCpuMode()
-        installed.mode.__enter__()
         _installed = installed
 
 
@@ -307,15 +299,6 @@ def uninstall() -> None:
         if _installed is None:
             return
         installed, _installed = _installed, None
-        # torch's mode stack is LIFO; another mode pushed on top of ours (a caller's own) must be
-        # exited first, or popping would remove theirs
-        top = torch._C._get_function_stack_at(torch._C._len_torch_function_stack() - 1) \
-            if torch._C._len_torch_function_stack() else None
-        if top is not installed.mode:
-            _installed = installed
-            raise RuntimeError("cpu_compat.uninstall: another TorchFunctionMode was entered after the CPU "
-                               "layer and is still active; exit it first")
-        installed.mode.__exit__(None, None, None)
         installed.restore()
         logging.getLogger("megatron.core.tensor_parallel.random").removeFilter(_FORK_WARNING_FILTER)
 
