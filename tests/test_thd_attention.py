@@ -191,16 +191,23 @@ def test_thd_rope_without_host_syncs_equals_megatrons(megatron_world1):
 
     installed = rope_utils._apply_rotary_pos_emb_thd
     original = installed._megatron_swift_original  # the workaround is installed with the platform
-    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0, rotary_base=10000)
-    q, _, _, cu, _ = thd_inputs(LENGTHS)
     group = ps.get_context_parallel_group()
-    for freqs in (rope(max(LENGTHS), packed_seq=True), rope(sum(LENGTHS), packed_seq=True)):
-        want = original(q, cu, freqs, cp_group=group)
-        with torch.profiler.profile() as prof:
-            got = installed(q, cu, freqs, cp_group=group)
-        assert torch.equal(got, want)
-        names = {e.name for e in prof.events()}
-        assert "aten::item" not in names and "aten::_local_scalar_dense" not in names
+    for percent in (1.0, 0.5):  # 0.5: part of each head rotates (megatron's split and concatenation)
+        rope = RotaryEmbedding(kv_channels=8, rotary_percent=percent, rotary_base=10000)
+        for freqs in (rope(max(LENGTHS), packed_seq=True), rope(sum(LENGTHS), packed_seq=True)):
+            q, _, _, cu, _ = thd_inputs(LENGTHS)
+            q.requires_grad_(True)
+            want = original(q, cu, freqs, cp_group=group)
+            (want_grad,) = torch.autograd.grad(want, q, torch.ones_like(want))
+            for _ in range(2):  # the second layer reuses the micro batch's cosines and sines
+                with torch.profiler.profile() as prof:
+                    got = installed(q, cu, freqs, cp_group=group)
+                assert torch.equal(got, want)
+                names = {e.name for e in prof.events()}
+                assert "aten::item" not in names and "aten::_local_scalar_dense" not in names
+            assert torch.equal(torch.autograd.grad(got, q, torch.ones_like(got))[0], want_grad)
+            if percent == 1.0:
+                assert "aten::cos" not in names, "cosines recomputed in the second layer"
 
 
 @pytest.mark.slow

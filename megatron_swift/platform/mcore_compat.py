@@ -251,21 +251,38 @@ def _thd_rope_without_host_syncs() -> None:
     Transformer Engine's fused kernel) splits the packed row with ``cu_seqlens.tolist()`` and reads
     ``cu_seqlens[i].item()`` per sequence, in every layer, for queries and keys: host syncs inside
     the layer loop. Without context parallelism the packed rotary table is one gather of per-token
-    row indices; the rotation itself stays megatron's ``_apply_rotary_pos_emb_bshd`` (same numbers,
-    tests/test_thd_attention.py). Context parallelism keeps megatron's code."""
+    row indices, and its cosines and sines are the same for every layer: they are computed once per
+    micro batch and kept on its ``cu_seqlens`` tensor (every layer gets the same object). The
+    rotation is megatron's formula (``_apply_rotary_pos_emb_bshd``: ``t * cos + rotate_half(t) *
+    sin``; same numbers, tests/test_thd_attention.py). Context parallelism keeps megatron's code."""
+    import torch
     from megatron.core.models.common.embeddings import rope_utils
 
     original = rope_utils._apply_rotary_pos_emb_thd
+
+    def cos_sin(t, cu_seqlens, freqs, mscale):
+        cached = getattr(cu_seqlens, "_megatron_swift_rope", None)
+        if cached is not None and cached[0] is freqs and cached[1:4] == (t.dtype, mscale, t.size(0)):
+            return cached[4]
+        rows = thd_rope_offsets(cu_seqlens, t.size(0), packed_positions=freqs.size(0) == t.size(0))
+        table = freqs[rows]
+        pair = ((torch.cos(table) * mscale).to(t.dtype), (torch.sin(table) * mscale).to(t.dtype))
+        cu_seqlens._megatron_swift_rope = (freqs, t.dtype, mscale, t.size(0), pair)
+        return pair
 
     def apply_thd(t, cu_seqlens, freqs, rotary_interleaved=False, multi_latent_attention=False, mscale=1.0,
                   cp_group=None):
         if cp_group is None or cp_group.size() != 1:
             return original(t, cu_seqlens, freqs, rotary_interleaved=rotary_interleaved,
                             multi_latent_attention=multi_latent_attention, mscale=mscale, cp_group=cp_group)
-        rows = thd_rope_offsets(cu_seqlens, t.size(0), packed_positions=freqs.size(0) == t.size(0))
-        return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[rows], rotary_interleaved=rotary_interleaved,
-                                                     multi_latent_attention=multi_latent_attention,
-                                                     mscale=mscale).squeeze(1)
+        if multi_latent_attention or freqs.size(-1) != t.size(-1):  # megatron's own split/concatenation
+            rows = thd_rope_offsets(cu_seqlens, t.size(0), packed_positions=freqs.size(0) == t.size(0))
+            return rope_utils._apply_rotary_pos_emb_bshd(t.unsqueeze(1), freqs[rows], rotary_interleaved=rotary_interleaved,
+                                                         multi_latent_attention=multi_latent_attention,
+                                                         mscale=mscale).squeeze(1)
+        cos, sin = cos_sin(t, cu_seqlens, freqs, mscale)
+        x = t.unsqueeze(1)
+        return ((x * cos) + (rope_utils._rotate_half(x, rotary_interleaved) * sin)).squeeze(1)
 
     apply_thd._megatron_swift_original = original
     rope_utils._apply_rotary_pos_emb_thd = apply_thd
