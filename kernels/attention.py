@@ -82,6 +82,14 @@ def _segments(packed_seq_params, total: int):
     return starts, real
 
 
+def _spans(starts, real):
+    """Per packed sequence: the slice of its real tokens (None when empty) and how many padding rows
+    follow them up to the next sequence's offset."""
+    for i in range(len(real) - 1):
+        begin, length = starts[i], real[i + 1] - real[i]
+        yield (slice(begin, begin + length) if length else None), starts[i + 1] - begin - length
+
+
 class THDDotProductAttention(DotProductAttention):
     """``DotProductAttention`` that also takes packed (THD) batches and MLA's separate key/value head
     dims; see the module docstring."""
@@ -108,16 +116,13 @@ class THDDotProductAttention(DotProductAttention):
         if self._fused_attention_fits():
             return self._fused_attention(query, key, value, starts, real)
         outputs = []
-        for i in range(len(real) - 1):
-            begin, length = starts[i], real[i + 1] - real[i]
-            room = starts[i + 1] - begin
-            if length:
-                seg = slice(begin, begin + length)
+        for seg, padding in _spans(starts, real):
+            if seg is not None:
                 out = super().forward(query[seg].unsqueeze(1), key[seg].unsqueeze(1), value[seg].unsqueeze(1), None,
                                       packed_seq_params=None)
                 outputs.append(out.squeeze(1))
-            if room > length:
-                outputs.append(query.new_zeros(room - length, self.hidden_size_per_partition))
+            if padding > 0:
+                outputs.append(query.new_zeros(padding, self.hidden_size_per_partition))
         return torch.cat(outputs, dim=0)
 
     def _fused_attention_fits(self) -> bool:
@@ -139,15 +144,12 @@ class THDDotProductAttention(DotProductAttention):
         gqa = query.size(1) != key.size(1)
         q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, heads, t, dim]
         outputs = []
-        for i in range(len(real) - 1):
-            begin, length = starts[i], real[i + 1] - real[i]
-            room = starts[i + 1] - begin
-            if length:
-                seg = slice(begin, begin + length)
+        for seg, padding in _spans(starts, real):
+            if seg is not None:
                 # with a batch dimension the CPU backend takes its flash kernel (3-D: math)
                 outputs.append(torch.nn.functional.scaled_dot_product_attention(
                     q[:, :, seg], k[:, :, seg], v[:, :, seg], is_causal=True, scale=scale, enable_gqa=gqa))
-            if room > length:
-                outputs.append(q.new_zeros(1, q.size(1), room - length, value.size(-1)))
+            if padding > 0:
+                outputs.append(q.new_zeros(1, q.size(1), padding, value.size(-1)))
         out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
         return out.squeeze(0).transpose(0, 1).reshape(query.size(0), self.hidden_size_per_partition)
