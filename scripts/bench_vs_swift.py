@@ -66,7 +66,7 @@ def run_megatron(inputs, out, args, nproc: int) -> dict:
            "--adam_eps", "1e-8", "--clip_grad", "1.0", "--log_interval", "1", "--save", save,
            "--add_version", "false", "--save_interval", str(10 ** 6), "--no_save_optim", "true",
            "--no_save_rng", "true", "--tensor_model_parallel_size", str(nproc),
-           "--sequence_parallel", str(nproc > 1).lower()]
+           "--sequence_parallel", str(nproc > 1 and args.sequence_parallel).lower()]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=str(max(1, args.cores // nproc)))
     if nproc > 1:
         env["NPROC_PER_NODE"] = str(nproc)
@@ -120,6 +120,9 @@ def main() -> int:
     parser.add_argument("--max_length", type=int, default=1024)
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds of the three runs")
+    parser.add_argument("--sequence_parallel", action="store_true",
+                        help="TP=2 run with sequence parallelism (off by default, as in megatron and ms-swift: "
+                             "over gloo it doubles the collectives a step)")
     args = parser.parse_args()
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -127,7 +130,8 @@ def main() -> int:
     inputs = make_inputs(out, args.rows)
     runs = {"swift sft (1 process, padded)": lambda: run_swift(swift, inputs, out, args),
             "megatron sft (1 process, padding-free)": lambda: run_megatron(inputs, out, args, 1),
-            "megatron sft (2 processes TP=2 + SP, padding-free)": lambda: run_megatron(inputs, out, args, 2)}
+            f"megatron sft (2 processes TP=2{' + SP' * args.sequence_parallel}, padding-free)":
+                lambda: run_megatron(inputs, out, args, 2)}
     rounds = {name: [] for name in runs}
     for _ in range(args.repeats):
         for name, run in runs.items():

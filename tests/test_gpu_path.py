@@ -40,12 +40,14 @@ class FakeCudaPlatform:
 def test_gpu_without_te_or_apex_builds_a_config_megatron_accepts(monkeypatch, megatron_world1):
     """B1/B9: fusions follow what the machine has. Reproduced first: megatron's output layer with
     gradient-accumulation fusion (the old default on any GPU) needs apex's CUDA extension."""
+    from megatron.core.tensor_parallel import layers
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
     from megatron.core.transformer import TransformerConfig
 
     import megatron_swift.model.config as model_config
     from megatron_swift.model.tiny import tiny_hf_config
 
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)  # as without apex (and our CPU stand-in)
     with pytest.raises(RuntimeError, match="fused_weight_gradient_mlp_cuda|gradient_accumulation_fusion"):
         old = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, gradient_accumulation_fusion=True)
         ColumnParallelLinear(8, 8, config=old, init_method=old.init_method)
@@ -84,6 +86,8 @@ def test_explicit_fusions_need_their_kernels(tmp_path):
         with pytest.raises(ArgumentError, match=flag.lstrip("-")):
             parse(GPU_NO_TE, flag, "true")
     assert parse(GPU_TE, "--apply_rope_fusion", "true").apply_rope_fusion is True
+    cpu = Capabilities(False, False, False, False, False, False)  # torch's addmm stands in for apex on CPU
+    assert parse(cpu, "--gradient_accumulation_fusion", "true").gradient_accumulation_fusion is True
     # GPU defaults: no core-attention recompute on top of TE's flash attention; overlap with DP > 1
     assert parse(GPU_TE).recompute_granularity == "none"
     assert parse(GPU_TE, "--recompute_granularity", "selective").recompute_granularity == "selective"

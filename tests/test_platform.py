@@ -315,3 +315,77 @@ def test_gloo_all_gather_starts_no_thread_teams():
     assert result["threads_started_by_ours"] == 0, result
     if os.cpu_count() and os.cpu_count() > 1:  # gloo's own gather starts one only where it parallelises
         assert result["threads_started_by_gloo"] > 0, result
+
+
+def test_wgrad_kernel_matches_the_unfused_gradient():
+    """kernels/wgrad.py has apex's fused_weight_gradient_mlp_cuda interface: main_grad += go^T @ x,
+    accumulating over calls (micro batches), also for 16-bit inputs into an fp32 buffer."""
+    from megatron_swift.kernels import wgrad
+
+    torch.manual_seed(0)
+    x, go = torch.randn(37, 16, dtype=torch.float64), torch.randn(37, 24, dtype=torch.float64)
+    main = torch.zeros(24, 16, dtype=torch.float64)
+    wgrad.wgrad_gemm_accum_fp32(x, go, main)
+    wgrad.wgrad_gemm_accum_fp32(2 * x, go, main)
+    torch.testing.assert_close(main, 3 * (go.t() @ x), rtol=1e-12, atol=1e-12)
+    main32 = torch.ones(24, 16)
+    wgrad.wgrad_gemm_accum_fp32(x.bfloat16(), go.bfloat16(), main32)
+    torch.testing.assert_close(main32, 1 + (go.bfloat16().t() @ x.bfloat16()).float(), rtol=0, atol=0)
+    main16 = torch.zeros(24, 16, dtype=torch.bfloat16)
+    wgrad.wgrad_gemm_accum_fp16(x.bfloat16(), go.bfloat16(), main16)
+    torch.testing.assert_close(main16, go.bfloat16().t() @ x.bfloat16(), rtol=0, atol=0)
+
+
+def test_gradient_accumulation_fusion_under_ddp_equals_the_unfused_path(megatron_world1):
+    """On CPU megatron's fused weight-gradient path runs on kernels/wgrad.py (mcore_compat): the
+    linears of a DDP-wrapped model add into main_grad and return no .grad. Oracle: the same model
+    with the fusion off (megatron computes the gradient, DDP's hook adds it), two micro batches."""
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_swift.model.builder import build_model
+    from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.trainer.model_setup import OptimizerSettings, wrap_ddp
+
+    assert layers._grad_accum_fusion_available and layers.fused_weight_gradient_mlp_cuda.__name__.endswith("wgrad")
+    grads, weights_of_first = {}, None
+    for fused in (False, True):
+        chunks, config, _ = build_model(tiny_hf_config("qwen3"), {"gradient_accumulation_fusion": fused})
+        assert config.gradient_accumulation_fusion is fused
+        with torch.no_grad():  # both models start from the same weights
+            weights_of_first = weights_of_first or {n: p.clone() for n, p in chunks[0].named_parameters()}
+            for n, p in chunks[0].named_parameters():
+                p.copy_(weights_of_first[n])
+        linears = [m for m in chunks[0].modules() if hasattr(m, "gradient_accumulation_fusion")]
+        assert linears and not any(m.gradient_accumulation_fusion for m in linears)  # no main_grad yet
+        (ddp,) = wrap_ddp(chunks, config, OptimizerSettings(use_distributed_optimizer=False))
+        assert all(m.gradient_accumulation_fusion is fused for m in linears)
+        ddp.zero_grad_buffer()
+        for seed in (1, 2):
+            tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(seed))
+            ddp(tokens, torch.arange(9).expand(2, -1), attention_mask=None).float().square().mean().backward()
+        weights = [m.weight for m in linears if m.weight is not None]
+        assert all(w.grad is None for w in weights)
+        assert all(w.grad_added_to_main_grad is fused for w in weights)  # the fused path ran
+        grads[fused] = {n: p.main_grad.clone() for n, p in ddp.module.named_parameters()}
+    for name, unfused in grads[False].items():
+        torch.testing.assert_close(grads[True][name], unfused, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_one_rank_grad_reduce_scatter_in_place_is_skipped(megatron_world1):
+    """The distributed optimizer's gradient reduce-scatter over one rank has the bucket as input and
+    output: skipped (gloo would copy it through a staging buffer). Any other call reaches gloo."""
+    import torch.distributed as dist
+    from megatron.core.distributed import param_and_grad_buffer
+
+    calls = []
+    patched = param_and_grad_buffer.dist_reduce_scatter_func
+    original = patched._megatron_swift_original
+    buffer = torch.arange(6.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(patched, "__defaults__", patched.__defaults__[:-1] + (lambda *a, **k: calls.append(a),))
+        assert patched(buffer[:6], buffer, group=dist.group.WORLD) is None and calls == []
+        patched(buffer[:3], buffer[:3].clone(), group=dist.group.WORLD)
+        assert len(calls) == 1
+    out = torch.zeros(6)
+    patched(out, buffer, group=dist.group.WORLD)  # not in place: gloo's own
+    assert out.tolist() == buffer.tolist() and original is not patched

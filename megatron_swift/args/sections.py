@@ -229,8 +229,8 @@ class MegatronArguments(ParallelArguments):
     bias_dropout_fusion: Optional[bool] = arg(None, help="Bias-dropout fusion; default: when available.")
     bias_swiglu_fusion: Optional[bool] = arg(None, help="Bias-SwiGLU fusion; default: when available.")
     apply_rope_fusion: Optional[bool] = arg(None, help="RoPE fusion; default: when available.")
-    gradient_accumulation_fusion: Optional[bool] = arg(None, help="Gradient-accumulation fusion (NVIDIA apex); "
-                                                                  "default: when available.")
+    gradient_accumulation_fusion: Optional[bool] = arg(None, help="Gradient-accumulation fusion (NVIDIA apex on "
+                                                                  "GPU, torch addmm on CPU); default: when available.")
     no_masked_softmax_fusion: bool = arg(False, help="Disable the masked softmax fusion.")
     no_bias_dropout_fusion: bool = arg(False, help="Disable the bias-dropout fusion.")
     no_bias_swiglu_fusion: bool = arg(False, help="Disable the bias-SwiGLU fusion.")

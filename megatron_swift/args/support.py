@@ -209,7 +209,8 @@ def _kernels(args, caps):
             return _needs_gpu_kernel(f"argument --{name} true", caps) + "; leave it unset (used when available)"
     if args.gradient_accumulation_fusion and args.no_gradient_accumulation_fusion:
         return "arguments --gradient_accumulation_fusion true and --no_gradient_accumulation_fusion true contradict"
-    if args.gradient_accumulation_fusion and not (caps.apex_gradient_accumulation or caps.transformer_engine):
+    # on CPU torch's addmm stands in for apex (kernels/wgrad.py); a GPU needs apex (or TE's own linears)
+    if args.gradient_accumulation_fusion and caps.gpu and not (caps.apex_gradient_accumulation or caps.transformer_engine):
         return (_needs_gpu_kernel("argument --gradient_accumulation_fusion true", caps, "NVIDIA apex or Transformer "
                                   "Engine") + "; leave it unset (used when available)")
     return None

@@ -230,5 +230,18 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
         if settings.num_labels is None:
             mask_padded_vocab(model, settings.vocab_size, settings.padded_vocab_size)
         model.hf_vocab_size = settings.vocab_size  # the real vocabulary (model.vocab_size is the padded one)
+        use_gradient_accumulation_fusion([model], False)
         chunks.append(model if meta else model.to(get_platform().device))
     return chunks, config, settings
+
+
+def use_gradient_accumulation_fusion(chunks: list, on: bool) -> int:
+    """Sets megatron's linears to add their weight gradients straight into DDP's ``main_grad``
+    buffers (``gradient_accumulation_fusion``) or to return them as ``.grad``. The buffers exist
+    only once the chunks are wrapped in DDP, so ``build_model`` turns the fusion off (export,
+    reference models and a plain ``backward()`` work) and ``wrap_ddp`` turns it on as the config
+    says. Returns the number of linears set."""
+    linears = [m for chunk in chunks for m in chunk.modules() if hasattr(m, "gradient_accumulation_fusion")]
+    for module in linears:
+        module.gradient_accumulation_fusion = on
+    return len(linears)

@@ -89,7 +89,8 @@ class Platform:
             "bias_dropout_fusion": self.is_cuda,  # megatron's jit-fused kernel
             "bias_activation_fusion": self.is_cuda,
             "apply_rope_fusion": te,
-            "gradient_accumulation_fusion": self.has_apex_gradient_accumulation,
+            # on CPU kernels/wgrad.py stands in for apex's extension (mcore_compat installs it)
+            "gradient_accumulation_fusion": self.has_apex_gradient_accumulation or not self.is_cuda,
             "moe_grouped_gemm": te and local_experts > 1,
         }
 
@@ -119,7 +120,7 @@ class Platform:
             fields[name] = value
 
         force("batch_p2p_comm", False, "batched p2p over gloo misroutes interleaved-pipeline messages")
-        for flag in ("gradient_accumulation_fusion", "bias_activation_fusion", "bias_dropout_fusion",
+        for flag in ("bias_activation_fusion", "bias_dropout_fusion",
                      "masked_softmax_fusion", "apply_rope_fusion", "persist_layer_norm",
                      "moe_permute_fusion", "moe_grouped_gemm"):
             force(flag, False, "no fused kernels on CPU")

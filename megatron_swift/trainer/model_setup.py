@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from megatron_swift.model.builder import unwrap  # noqa: F401  (re-exported for trainer code)
+from megatron_swift.model.builder import unwrap, use_gradient_accumulation_fusion  # noqa: F401  (unwrap: re-exported)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
         bucket_size=None,
         average_in_collective=False,
     )
-    return [
+    wrapped = [
         DistributedDataParallel(
             config=config, ddp_config=ddp_config, module=chunk,
             # one bucket per chunk keeps CPU runs simple; only the first chunk overlaps
@@ -90,6 +90,8 @@ def wrap_ddp(chunks: list, config, settings: OptimizerSettings) -> list:
         )
         for i, chunk in enumerate(chunks)
     ]
+    use_gradient_accumulation_fusion(chunks, bool(config.gradient_accumulation_fusion))  # main_grad exists now
+    return wrapped
 
 
 _DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
