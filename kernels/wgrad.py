@@ -19,18 +19,13 @@ def reference_wgrad(input: torch.Tensor, grad_output: torch.Tensor) -> torch.Ten
     return grad_output.t().matmul(input)
 
 
-def _accumulate(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+def wgrad_gemm_accum_fp32(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
+    """``main_grad`` (fp32, [out, in]) += ``grad_output`` [tokens, out]^T @ ``input`` [tokens, in]."""
     if input.dtype == grad_output.dtype == main_grad.dtype:
         main_grad.addmm_(grad_output.t(), input)
     else:  # a 16-bit GEMM into an fp32 buffer: torch's addmm needs one dtype, so add as the hook would
         main_grad.add_(reference_wgrad(input, grad_output))
 
 
-def wgrad_gemm_accum_fp32(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """``main_grad`` (fp32, [out, in]) += ``grad_output`` [tokens, out]^T @ ``input`` [tokens, in]."""
-    _accumulate(input, grad_output, main_grad)
-
-
-def wgrad_gemm_accum_fp16(input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor) -> None:
-    """The same into a 16-bit ``main_grad`` (megatron calls this one when the buffer is fp16/bf16)."""
-    _accumulate(input, grad_output, main_grad)
+# megatron calls this one when the buffer is fp16/bf16; with torch's addmm it is the same function
+wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32

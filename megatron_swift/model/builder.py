@@ -235,13 +235,13 @@ def build_model(hf_config, overrides: Optional[dict] = None, where: str = "confi
     return chunks, config, settings
 
 
-def use_gradient_accumulation_fusion(chunks: list, on: bool) -> int:
+def use_gradient_accumulation_fusion(chunks: list, on: bool) -> None:
     """Sets megatron's linears to add their weight gradients straight into DDP's ``main_grad``
     buffers (``gradient_accumulation_fusion``) or to return them as ``.grad``. The buffers exist
     only once the chunks are wrapped in DDP, so ``build_model`` turns the fusion off (export,
     reference models and a plain ``backward()`` work) and ``wrap_ddp`` turns it on as the config
-    says. Returns the number of linears set."""
-    linears = [m for chunk in chunks for m in chunk.modules() if hasattr(m, "gradient_accumulation_fusion")]
-    for module in linears:
-        module.gradient_accumulation_fusion = on
-    return len(linears)
+    says."""
+    for chunk in chunks:
+        for module in chunk.modules():
+            if hasattr(module, "gradient_accumulation_fusion"):
+                module.gradient_accumulation_fusion = on
