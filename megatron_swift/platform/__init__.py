@@ -265,6 +265,10 @@ def init_parallel(layout: ParallelLayout = ParallelLayout(), seed: int = 42,
         expert_tensor_parallel_size=layout.expert_tensor_parallel_size,
         distributed_timeout_minutes=max(1, timeout_seconds // 60),  # megatron's sub-groups: the same timeout
     )
+    if not platform.is_cuda:
+        from . import shm_group
+
+        shm_group.use_for_tensor_parallel(datetime.timedelta(seconds=timeout_seconds))
     seed_everything(seed)
     return platform
 

@@ -312,16 +312,19 @@ def all_gather_into_tensor_by_all_reduce(output, input_, group=None, async_op=Fa
 def _gloo_all_gather_without_thread_teams() -> None:
     """Megatron's all-gathers (the distributed optimizer's parameter gather, sequence-parallel
     activations) go through ``all_gather_into_tensor_by_all_reduce`` while the process runs more
-    than one intra-op thread (one thread per rank, torchrun's default, never starts teams)."""
+    than one intra-op thread (one thread per rank, torchrun's default, never starts teams) and the
+    group is gloo's (the shared-memory group gathers in the calling thread)."""
     import torch
     from megatron.core.distributed import param_and_grad_buffer
     from megatron.core.tensor_parallel import layers, mappings, utils
+
+    from .shm_group import SharedMemoryProcessGroup
 
     for module in (param_and_grad_buffer, layers, mappings, utils):
         original = module.dist_all_gather_func
 
         def gather(output, input_, group=None, async_op=False, _original=original):
-            if torch.get_num_threads() > 1:
+            if torch.get_num_threads() > 1 and not isinstance(group, SharedMemoryProcessGroup):
                 return all_gather_into_tensor_by_all_reduce(output, input_, group=group, async_op=async_op)
             return _original(output, input_, group=group, async_op=async_op)
 
