@@ -79,7 +79,9 @@ def test_sft_defaults_match_spec(model):
     args = sft(model)
     assert isinstance(args, SftArguments)
     expected = {
-        "micro_batch_size": 1, "global_batch_size": 16, "recompute_granularity": "selective",
+        # selective in the spec, resolved to none here: padding-free THD attention keeps no attention
+        # matrix to drop (test_gpu_path covers the other cases)
+        "micro_batch_size": 1, "global_batch_size": 16, "recompute_granularity": "none",
         "recompute_modules": ["core_attn"], "lr_decay_style": "cosine", "lr_warmup_iters": 0, "min_lr": 0.0,
         "weight_decay": 0.1, "clip_grad": 1.0, "adam_beta1": 0.9, "adam_beta2": 0.95, "adam_eps": 1e-8,
         "optimizer": "adam", "save_interval": 500, "ckpt_format": "torch_dist", "exit_on_missing_checkpoint": True,
@@ -274,6 +276,7 @@ def test_aliases(model, tmp_path):
     (["--lr_warmup_iters", "5", "--lr_warmup_fraction", "0.1"], ["--lr_warmup_iters", "--lr_warmup_fraction"]),
     (["--sequence_parallel", "true"], ["--sequence_parallel", "--tensor_model_parallel_size"]),
     (["--recompute_granularity", "full"], ["--recompute_method", "--recompute_num_layers"]),
+    (["--recompute_granularity", "none", "--recompute_modules", "mlp"], ["--recompute_modules", "selective"]),
     (["--overlap_param_gather", "--overlap_grad_reduce", "false"], ["--overlap_param_gather"]),
     (["--overlap_param_gather", "--use_distributed_optimizer", "false"], ["--overlap_param_gather"]),
     (["--template_backend", "jinja"], ["--template_backend"]),

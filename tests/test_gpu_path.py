@@ -91,7 +91,12 @@ def test_explicit_fusions_need_their_kernels(tmp_path):
     # GPU defaults: no core-attention recompute on top of TE's flash attention; overlap with DP > 1
     assert parse(GPU_TE).recompute_granularity == "none"
     assert parse(GPU_TE, "--recompute_granularity", "selective").recompute_granularity == "selective"
-    assert parse(Capabilities(False, False, False, False, False, False)).recompute_granularity == "selective"
+    # without TE: none where the THD attention is one SDPA flash call per sequence, else selective
+    assert parse(cpu).recompute_granularity == "none"
+    assert parse(GPU_NO_TE).recompute_granularity == "none"
+    assert parse(cpu, "--padding_free", "false").recompute_granularity == "selective"
+    assert parse(cpu, "--attention_dropout", "0.1").recompute_granularity == "selective"
+    assert parse(cpu, "--recompute_granularity", "selective").recompute_granularity == "selective"
 
 
 def test_gpu_overlap_and_launch_environment(tmp_path):

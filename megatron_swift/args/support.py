@@ -178,6 +178,8 @@ def _recompute(args, caps):
         given = [n for n in ("recompute_method", "recompute_num_layers") if _given(args, n)]
         if given:
             return f"argument --{given[0]}: takes effect with --recompute_granularity full"
+    if args.recompute_granularity != "selective" and _given(args, "recompute_modules"):
+        return "argument --recompute_modules: takes effect with --recompute_granularity selective"
     return None
 
 
@@ -391,7 +393,7 @@ def _export_only(args, caps):
 
 RULES = (
     Rule(("train_type", "merge_lora", "adapters", "adapter_load") + LORA_FIELDS, TRAIN, _lora),
-    Rule(("recompute_method", "recompute_num_layers"), TRAIN, _recompute),
+    Rule(("recompute_method", "recompute_num_layers", "recompute_modules"), TRAIN, _recompute),
     Rule(("use_dora",), TRAIN, _dora),
     Rule(("task_type", "num_labels", "problem_type"), ALL, _task),
     Rule(("attn_impl",), ALL, _attn_impl),

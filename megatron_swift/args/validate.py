@@ -594,16 +594,21 @@ def _model_basename(model: str) -> str:
 
 
 def _resolve_gpu_defaults(args, caps: Capabilities) -> None:
-    """Defaults a GPU user expects, left to the machine when the user said nothing: grad-reduce and
-    param-gather overlap with the distributed optimizer; no recompute of core attention when Transformer
-    Engine's (flash / fused) attention does not store the attention matrix anyway."""
+    """Defaults left to the machine when the user said nothing: grad-reduce and param-gather overlap
+    with the distributed optimizer on GPUs; no recompute of core attention where the attention kernel
+    does not store the attention matrix anyway (what selective recompute exists to drop): Transformer
+    Engine's flash / fused attention, or without TE the local spec's THD attention on padding-free
+    batches (one SDPA flash call per sequence, kernels/attention.py) when there is no attention dropout.
+    (Sliding-window models fall back to megatron's kernel per sequence there; they keep one
+    sequence's matrix per layer without this recompute.)"""
     overlap = caps.gpu and args.use_distributed_optimizer and args.data_parallel_size > 1
     if args.overlap_grad_reduce is None:
         args.overlap_grad_reduce = overlap
     if args.overlap_param_gather is None:
         args.overlap_param_gather = overlap and args.overlap_grad_reduce
     recompute_given = {"recompute_granularity", "recompute_modules"} & set(args.explicit_args)
-    if caps.transformer_engine and not recompute_given and args.recompute_modules == ["core_attn"]:
+    flash_thd = (args.padding_free or args.packing) and args.attention_dropout == 0
+    if (caps.transformer_engine or flash_thd) and not recompute_given and args.recompute_modules == ["core_attn"]:
         args.recompute_granularity = "none"
 
 
