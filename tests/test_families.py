@@ -215,8 +215,9 @@ def test_expert_bias_update_follows_the_deepseek_v3_rule(megatron_world1):
 
     from megatron_swift.model.builder import build_model
     from megatron_swift.model.tiny import tiny_hf_config
+    from megatron_swift.platform import seed_everything
 
-    torch.manual_seed(0)
+    seed_everything(0)  # megatron's RNG tracker too: the weights must not depend on the tests before
     hf = tiny_hf_config("deepseek_v3")
     (model,), config, _ = build_model(hf)
     routers = [m for m in model.modules() if getattr(m, "expert_bias", None) is not None]
@@ -248,8 +249,10 @@ def test_expert_bias_update_follows_the_deepseek_v3_rule(megatron_world1):
         assert torch.equal(r.local_tokens_per_expert, load)
         expected.append(b + rate * torch.sign(load.mean() - load))
     _update_router_expert_bias([model], config)
-    for r, want, b in zip(routers, expected, before):
-        assert torch.equal(r.expert_bias, want) and not torch.equal(r.expert_bias, b)
+    for r, want in zip(routers, expected):
+        assert torch.equal(r.expert_bias, want)
+    # the rule moved something (a perfectly balanced layer keeps its bias: sign(0) = 0)
+    assert any(not torch.equal(r.expert_bias, b) for r, b in zip(routers, before))
 
 
 # ------------------------------------------------------------------------------ GLM-4.5 (MoE)
