@@ -314,13 +314,17 @@ def register() -> None:
         dist.Backend.register_backend(BACKEND_NAME, _create, devices=["cpu"])
 
 
-def _host_can_share() -> tuple[str, bool]:
+def _host_can_share() -> tuple[tuple, bool]:
+    """Where this rank can share: the host, its /dev/shm mount and its network namespace (abstract
+    Unix sockets live there), so containers on one host with separate mounts or namespaces do not
+    count as one; and whether /dev/shm has room for a segment."""
     try:
         free = os.statvfs("/dev/shm")
         ok = free.f_bavail * free.f_frsize >= 4 * SEGMENT_BYTES
+        where = (socket.gethostname(), os.stat("/dev/shm").st_dev, os.stat("/proc/self/ns/net").st_ino)
     except OSError:
-        ok = False
-    return socket.gethostname(), ok
+        ok, where = False, (socket.gethostname(),)
+    return where, ok
 
 
 def use_for_tensor_parallel(timeout: datetime.timedelta) -> bool:
