@@ -160,9 +160,11 @@ def main() -> None:
             report({"error": None})
         except RuntimeError as exc:
             report({"error": str(exc)})
-    elif scenario == "peer_exit":
+    elif scenario in ("peer_exit", "timeout"):
         dist.all_reduce(torch.ones(4), group=shm)  # both alive
         if rank == 1:
+            if scenario == "timeout":  # alive, but never calls the next collective
+                time.sleep(float(os.environ["SHM_TEST_TIMEOUT"]) + 4)
             os._exit(0)
         start = time.monotonic()
         try:
@@ -170,18 +172,7 @@ def main() -> None:
             report({"error": None})
         except RuntimeError as exc:
             report({"error": str(exc), "seconds": time.monotonic() - start})
-        os._exit(0)  # the default group's peer is gone too: no orderly teardown
-    elif scenario == "timeout":
-        if rank == 1:
-            time.sleep(float(os.environ["SHM_TEST_TIMEOUT"]) + 4)
-            os._exit(0)
-        start = time.monotonic()
-        try:
-            dist.all_reduce(torch.ones(4), group=shm)
-            report({"error": None})
-        except RuntimeError as exc:
-            report({"error": str(exc), "seconds": time.monotonic() - start})
-        os._exit(0)
+        os._exit(0)  # the default group's peer is gone (or late): no orderly teardown
     dist.destroy_process_group()
 
 
