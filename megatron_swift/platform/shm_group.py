@@ -19,6 +19,8 @@ Correctness rules:
   raises an error naming both calls instead of reading garbage.
 - A peer that exits closes its sockets: the waiting rank raises naming the peer and the
   collective; waits are bounded by the group's timeout.
+- Tensors are written through ``.data``, as gloo writes them: no autograd record, no version bump
+  (a collective on a tensor in an autograd graph behaves as with gloo).
 - What this group does not implement (other collectives, other reduce ops, non-contiguous or
   oversized tensors) goes to a gloo group over the same ranks, synchronously, so ordering holds.
 """
@@ -193,7 +195,7 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
         op = _op(opts)
         if len(tensors) != 1 or op not in _REDUCE or not self._fits(tensors[0]) or tensors[0].dtype == torch.bool:
             return self._fallback("allreduce", tensors, opts)
-        tensor = tensors[0]
+        tensor = tensors[0].data
         self._view(self._rank, self._calls % 2, tensor).copy_(tensor.view(-1))
         parity = self._exchange("all_reduce", tensor)
         out = tensor.view(-1)
@@ -206,17 +208,19 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
     def all_gather_single(self, output, input, opts=None):
         if not self._fits(input, output) or output.numel() != input.numel() * self._size or output.dtype != input.dtype:
             return self._fallback("_allgather_base", output, input, opts)
+        result, output, input = [output], output.data, input.data
         self._view(self._rank, self._calls % 2, input).copy_(input.view(-1))
         parity = self._exchange("all_gather_into_tensor", input)
         for rank, chunk in enumerate(output.view(-1).chunk(self._size)):
             chunk.copy_(self._view(rank, parity, input))
-        return _done([output])
+        return _done(result)
 
     def reduce_scatter_single(self, output, input, opts=None):
         op = _op(opts)
         if (op not in _REDUCE or not self._fits(input, output) or output.dtype == torch.bool
                 or input.numel() != output.numel() * self._size or output.dtype != input.dtype):
             return self._fallback("_reduce_scatter_base", output, input, opts)
+        result, output, input = [output], output.data, input.data
         self._view(self._rank, self._calls % 2, input).copy_(input.view(-1))
         parity = self._exchange("reduce_scatter_tensor", input)
         mine = slice(self._rank * output.numel(), (self._rank + 1) * output.numel())
@@ -225,13 +229,13 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
         reduce(self._view(0, parity, input)[mine], self._view(1, parity, input)[mine], out=out)
         for rank in range(2, self._size):
             reduce(out, self._view(rank, parity, input)[mine], out=out)
-        return _done([output])
+        return _done(result)
 
     def broadcast(self, tensors, opts=None):
         root = opts.rootRank if opts is not None else 0
         if len(tensors) != 1 or not self._fits(tensors[0]):
             return self._fallback("broadcast", tensors, opts)
-        tensor = tensors[0]
+        tensor = tensors[0].data
         if self._rank == root:
             self._view(self._rank, self._calls % 2, tensor).copy_(tensor.view(-1))
         parity = self._exchange("broadcast", tensor)

@@ -117,6 +117,14 @@ def compare_ops(shm, gloo) -> dict:
         return [y]
     check("all_reduce async_op", async_all_reduce)
 
+    def in_autograd_graph(group):  # as the naive log-softmax of test_rlhf_logprobs does
+        x = torch.linspace(-1, 1, 6, dtype=torch.float64).requires_grad_(True)
+        y = x.exp() * (rank + 1)
+        dist.all_reduce(y, group=group)
+        y.log().sum().backward()
+        return [y.detach(), x.grad]
+    check("all_reduce of a tensor in an autograd graph", in_autograd_graph)
+
     def coalesced(group):
         ys = [torch.arange(4.0) + rank, torch.arange(3.0) * rank]
         dist.all_reduce_coalesced(ys, group=group)
