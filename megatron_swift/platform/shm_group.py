@@ -34,7 +34,6 @@ import os
 import socket
 import struct
 import uuid
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -138,8 +137,6 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
             sock.settimeout(self._timeout)
             peers[struct.unpack("<I", self._recv(sock, 4, "connect"))[0]] = sock
         listener.close()
-        for sock in peers.values():
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
         return peers
 
     # -- the exchange ---------------------------------------------------------------------------
@@ -182,9 +179,15 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
                     f"{_DTYPES[other_dtype] if other_dtype < len(_DTYPES) else other_dtype}")
         return parity
 
-    def _view(self, rank: int, parity: int, like: torch.Tensor, numel: Optional[int] = None) -> torch.Tensor:
-        numel = like.numel() if numel is None else numel
-        return self._slot(rank, parity)[:numel * like.element_size()].view(like.dtype)
+    def _view(self, rank: int, parity: int, like: torch.Tensor) -> torch.Tensor:
+        return self._slot(rank, parity)[:like.numel() * like.element_size()].view(like.dtype)
+
+    def _reduce_slots(self, op, parity: int, like: torch.Tensor, part: slice, out: torch.Tensor) -> None:
+        """``out`` = the ranks' slots (elements ``part``) reduced in rank order: the same bits on every rank."""
+        reduce = _REDUCE[op]
+        reduce(self._view(0, parity, like)[part], self._view(1, parity, like)[part], out=out)
+        for rank in range(2, self._size):
+            reduce(out, self._view(rank, parity, like)[part], out=out)
 
     def _fits(self, *tensors: torch.Tensor) -> bool:
         return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES
@@ -198,11 +201,7 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
         tensor = tensors[0].data
         self._view(self._rank, self._calls % 2, tensor).copy_(tensor.view(-1))
         parity = self._exchange("all_reduce", tensor)
-        out = tensor.view(-1)
-        reduce = _REDUCE[op]
-        reduce(self._view(0, parity, tensor), self._view(1, parity, tensor), out=out)
-        for rank in range(2, self._size):
-            reduce(out, self._view(rank, parity, tensor), out=out)
+        self._reduce_slots(op, parity, tensor, slice(None), tensor.view(-1))
         return _done(tensors)
 
     def all_gather_single(self, output, input, opts=None):
@@ -224,11 +223,7 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
         self._view(self._rank, self._calls % 2, input).copy_(input.view(-1))
         parity = self._exchange("reduce_scatter_tensor", input)
         mine = slice(self._rank * output.numel(), (self._rank + 1) * output.numel())
-        out = output.view(-1)
-        reduce = _REDUCE[op]
-        reduce(self._view(0, parity, input)[mine], self._view(1, parity, input)[mine], out=out)
-        for rank in range(2, self._size):
-            reduce(out, self._view(rank, parity, input)[mine], out=out)
+        self._reduce_slots(op, parity, input, mine, output.view(-1))
         return _done(result)
 
     def broadcast(self, tensors, opts=None):
@@ -265,10 +260,7 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
     def _fallback(self, method: str, *args):
-        args = [a for a in args if a is not None]
-        work = getattr(self._gloo, method)(*args)
-        work.wait()  # keep the order with the shared-memory collectives
-        return work
+        return _on_gloo(self, method, *[a for a in args if a is not None])
 
     def getBackendName(self) -> str:
         return BACKEND_NAME
@@ -288,12 +280,16 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
         return f"SharedMemoryProcessGroup(rank={self._rank}, size={self._size})"
 
 
+def _on_gloo(group: SharedMemoryProcessGroup, gloo_name: str, *args, **kwargs):
+    result = getattr(group._gloo, gloo_name)(*args, **kwargs)
+    if isinstance(result, dist.Work):
+        result.wait()  # keep the order with the shared-memory collectives
+    return result
+
+
 def _through_gloo(name: str, gloo_name: str):
     def call(self, *args, **kwargs):
-        result = getattr(self._gloo, gloo_name)(*args, **kwargs)
-        if isinstance(result, dist.Work):
-            result.wait()  # keep the order with the shared-memory collectives
-        return result
+        return _on_gloo(self, gloo_name, *args, **kwargs)
     call.__name__ = name
     return call
 
