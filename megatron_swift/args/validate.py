@@ -57,7 +57,7 @@ def validate(args, world_size: int, env: Optional[Mapping[str, str]] = None,
         _check_extra_megatron_kwargs(args)
         _check_training_paths(args)
         _resolve_training_defaults(args)
-        _resolve_gpu_defaults(args, caps)
+        _resolve_machine_defaults(args, caps)
         _check_save_dir(args)
     if args.command == "rlhf":
         _check_rlhf(args)
@@ -593,7 +593,7 @@ def _model_basename(model: str) -> str:
     return os.path.basename(os.path.normpath(os.path.expanduser(model)))
 
 
-def _resolve_gpu_defaults(args, caps: Capabilities) -> None:
+def _resolve_machine_defaults(args, caps: Capabilities) -> None:
     """Defaults left to the machine when the user said nothing: grad-reduce and param-gather overlap
     with the distributed optimizer on GPUs; no recompute of core attention where the attention kernel
     does not store the attention matrix anyway (what selective recompute exists to drop): Transformer
