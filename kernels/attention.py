@@ -135,21 +135,27 @@ class THDDotProductAttention(DotProductAttention):
                 and (not self.training or self.attention_dropout.p == 0.0))
 
     def _fused_attention(self, query, key, value, starts, real):
-        """The packed row ``[t, heads, dim]`` as ``[heads, t, dim]`` views (one transpose per tensor,
-        not per sequence), one ``scaled_dot_product_attention`` per sequence on its columns (CPU: the
+        """The packed row ``[t, heads, dim]`` split into its sequences, one
+        ``scaled_dot_product_attention`` per sequence on a ``[1, heads, s, dim]`` view (CPU: the
         fused flash kernel; no [heads, s, s] score and probability tensors kept for backward), keys and
         values shared by the query heads of their group inside the kernel (``enable_gqa``, no
         repeated copies); padding rows of the output are zero."""
         scale = self.softmax_scale * (self.scale_mask_softmax.scale or 1.0)  # query-key layer scaling
         gqa = query.size(1) != key.size(1)
-        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # [1, heads, t, dim]
+        # One split per tensor, not a slice per sequence: a slice's backward writes its gradient into
+        # a zero tensor of the whole row (sequences x row size of memory traffic), a split's backward
+        # is one concatenation.
+        sizes = [n for seg, padding in _spans(starts, real) for n in ((seg.stop - seg.start) if seg else 0, padding)]
+        pieces = (t.split(sizes, dim=0) for t in (query, key, value))
         outputs = []
-        for seg, padding in _spans(starts, real):
-            if seg is not None:
+        for i, (q, k, v) in enumerate(zip(*pieces)):
+            if i % 2 == 0 and q.size(0):  # a sequence's real tokens: [s, heads, dim] -> [1, heads, s, dim]
                 # with a batch dimension the CPU backend takes its flash kernel (3-D: math)
-                outputs.append(torch.nn.functional.scaled_dot_product_attention(
-                    q[:, :, seg], k[:, :, seg], v[:, :, seg], is_causal=True, scale=scale, enable_gqa=gqa))
-            if padding > 0:
-                outputs.append(q.new_zeros(1, q.size(1), padding, value.size(-1)))
-        out = torch.cat(outputs, dim=2) if len(outputs) > 1 else outputs[0]
-        return out.squeeze(0).transpose(0, 1).reshape(query.size(0), self.hidden_size_per_partition)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                    is_causal=True, scale=scale, enable_gqa=gqa)
+                outputs.append(out.squeeze(0).transpose(0, 1))
+            elif i % 2 == 1 and q.size(0):  # padding rows up to the next sequence's offset
+                outputs.append(q.new_zeros(q.size(0), q.size(1), value.size(-1)))
+        out = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
+        return out.reshape(query.size(0), self.hidden_size_per_partition)

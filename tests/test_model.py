@@ -119,6 +119,44 @@ def test_rms_norm_matches_transformers(dtype):
     torch.testing.assert_close(ours.to(dtype)(x), ref.to(dtype)(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("trainable", ["both", "input_only", "weight_only"])
+def test_rms_norm_gradients_match_transformers(dtype, trainable):
+    """The norm's written-out backward against autograd through transformers' module (a hidden-size
+    norm and a per-head q/k norm shape), including frozen weights and inputs that need no grad."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from megatron_swift.kernels.norm import RMSNorm
+
+    cfg, _ = transformer_config_from_hf(tiny_hf_config("qwen2"), {"sequence_parallel": False})
+    torch.manual_seed(0)
+    for shape in ((7, 2, 64), (9, 4, 64)):
+        ours, ref = RMSNorm(cfg, 64, eps=1e-6).to(dtype), Qwen2RMSNorm(64, eps=1e-6).to(dtype)
+        with torch.no_grad():
+            w = torch.rand(64) + 0.5
+            ours.weight.copy_(w)
+            ref.weight.copy_(w)
+        for module in (ours, ref):
+            module.weight.requires_grad_(trainable != "input_only")
+        x = (torch.randn(*shape) * 3).to(dtype)
+        grad = torch.randn(*shape).to(dtype)
+        results = []
+        for module in (ours, ref):
+            xi = x.clone().requires_grad_(trainable != "weight_only")
+            module.weight.grad = None
+            out = module(xi)
+            out.backward(grad)
+            results.append((out.detach(), xi.grad, module.weight.grad))
+        (out, gx, gw), (ref_out, ref_gx, ref_gw) = results
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        for got, want in ((gx, ref_gx), (gw, ref_gw)):
+            assert (got is None) == (want is None)
+            if want is not None:
+                # fp32: rounding of a different but equal formula; bf16: at most an ulp of the result
+                tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-2)
+                torch.testing.assert_close(got, want, **tol)
+
+
 def test_rms_norm_marks_weight_for_sequence_parallel_grad_reduce():
     from megatron_swift.kernels.norm import RMSNorm
 

@@ -389,3 +389,34 @@ def test_one_rank_grad_reduce_scatter_in_place_is_skipped(megatron_world1):
     out = torch.zeros(6)
     patched(out, buffer, group=dist.group.WORLD)  # not in place: gloo's own
     assert out.tolist() == buffer.tolist() and original is not patched
+
+
+def test_multi_tensor_norm_and_scale_use_foreach_with_the_same_bits(megatron_world1):
+    """Without apex / TE megatron clips gradients with Python loops (a host read per parameter's
+    norm; ``dst.copy_(src * scale)``); the foreach versions installed instead give the same bits."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    assert clip_grads.l2_norm_impl is not utils.local_multi_tensor_l2_norm
+    assert clip_grads.multi_tensor_scale_impl is not utils.local_multi_tensor_scale
+    assert optimizer.multi_tensor_scale_impl is not utils.local_multi_tensor_scale
+    torch.manual_seed(0)
+    shapes = [(7, 5), (300,), (64, 33), (1,)]
+    for dtypes in ([torch.float32] * 4, [torch.float32, torch.bfloat16, torch.float32, torch.bfloat16]):
+        grads = [torch.randn(shape).to(dtype) * 10 ** i for i, (shape, dtype) in enumerate(zip(shapes, dtypes))]
+        flag = torch.zeros(1, dtype=torch.int)
+        ours, _ = clip_grads.l2_norm_impl(2048 * 32, flag, [grads], False)
+        upstream, _ = utils.local_multi_tensor_l2_norm(2048 * 32, flag, [grads], False)
+        assert ours.shape == upstream.shape == (1,) and ours.dtype == upstream.dtype
+        assert torch.equal(ours, upstream), (ours, upstream)
+        coeff = 1.0 / (ours.item() + 1e-6)
+        in_place, expected = [g.clone() for g in grads], [g.clone() for g in grads]
+        clip_grads.multi_tensor_scale_impl(2048 * 32, flag, [in_place, in_place], coeff)
+        utils.local_multi_tensor_scale(2048 * 32, flag, [expected, expected], coeff)
+        assert all(torch.equal(a, b) for a, b in zip(in_place, expected))
+        copies, expected = [torch.empty_like(g, dtype=torch.float32) for g in grads], [
+            torch.empty_like(g, dtype=torch.float32) for g in grads]
+        optimizer.multi_tensor_scale_impl(2048 * 32, flag, [grads, copies], 1.0)
+        utils.local_multi_tensor_scale(2048 * 32, flag, [grads, expected], 1.0)
+        assert all(torch.equal(a, b) for a, b in zip(copies, expected))
+        assert all(torch.equal(a, g.float()) for a, g in zip(copies, grads))

@@ -366,6 +366,40 @@ def _one_rank_grad_reduce_scatter_in_place() -> None:
     param_and_grad_buffer.dist_reduce_scatter_func = reduce_scatter
 
 
+def _multi_tensor_ops_with_foreach() -> None:
+    """Without apex or Transformer Engine megatron's gradient clipping and fp32 copies fall back to
+    ``local_multi_tensor_l2_norm`` (a ``torch.norm`` per parameter from Python, every norm read to
+    the host to build the total) and ``local_multi_tensor_scale`` (``dst.copy_(src * scale)``: a
+    temporary and a second pass per tensor). ``torch._foreach_norm`` / ``_foreach_mul_`` do the
+    same per-tensor arithmetic in one call, the scale in place when source and destination are the
+    same tensors (clipping), and the norm stays a tensor: the same bits (test)."""
+    import torch
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        norms = [norm for tensors in tensor_lists if tensors for norm in torch._foreach_norm(tensors)]
+        if not norms:  # megatron's own empty case
+            return torch.zeros(1, dtype=torch.float, device="cuda"), None
+        if len({norm.dtype for norm in norms}) > 1:
+            norms = [norm.float() for norm in norms]
+        return torch.linalg.vector_norm(torch.stack(norms).float()).reshape(1), None
+
+    def scale(chunk_size, noop_flag, tensor_lists, factor):
+        sources, destinations = tensor_lists
+        if all(src is dst and dst.dtype == torch.float32 for src, dst in zip(sources, destinations)):
+            # fp32 only: the in-place foreach rounds bf16 differently from ``src * scale``
+            torch._foreach_mul_(list(destinations), factor)
+        else:
+            torch._foreach_copy_(list(destinations), torch._foreach_mul(list(sources), factor))
+
+    for module in (clip_grads, optimizer):
+        if getattr(module, "multi_tensor_scale_impl", None) is utils.local_multi_tensor_scale:
+            module.multi_tensor_scale_impl = scale
+    if getattr(clip_grads, "l2_norm_impl", None) is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = l2_norm
+
+
 WORKAROUNDS: tuple[Workaround, ...] = (
     Workaround("alltoall_split_sizes_as_lists", _alltoall_split_sizes_as_lists.__doc__,
                (0, 14, 0), (0, 17, 0), ("cpu",), _alltoall_split_sizes_as_lists),
@@ -379,6 +413,8 @@ WORKAROUNDS: tuple[Workaround, ...] = (
                (0, 14, 0), (0, 17, 0), ("cpu",), _gradient_accumulation_fusion_with_torch),
     Workaround("one_rank_grad_reduce_scatter_in_place", _one_rank_grad_reduce_scatter_in_place.__doc__,
                (0, 14, 0), (0, 17, 0), ("cpu",), _one_rank_grad_reduce_scatter_in_place),
+    Workaround("multi_tensor_ops_with_foreach", _multi_tensor_ops_with_foreach.__doc__,
+               (0, 14, 0), (0, 17, 0), ("cpu", "cuda"), _multi_tensor_ops_with_foreach),
 )
 
 _applied: set[str] = set()
