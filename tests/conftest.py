@@ -1,6 +1,7 @@
 """Shared fixtures (helpers for launching processes are in helpers.py)."""
 
 import os
+import sys
 
 import pytest
 
@@ -16,6 +17,18 @@ def megatron_world1():
     from megatron_swift.platform import ParallelLayout, init_parallel
 
     return init_parallel(ParallelLayout(), seed=1234)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_moe_aux_loss_scale():
+    """megatron keeps the MoE aux-loss gradient scale in a class attribute: a bare ``backward()``
+    outside its schedules (tests of the model alone) leaves it 0-dim, and a later schedule's
+    ``set_loss_scale`` (shape [1]) then fails to copy into it. Each test starts without one, as a
+    process does."""
+    yield
+    moe_utils = sys.modules.get("megatron.core.transformer.moe.moe_utils")
+    if moe_utils is not None:
+        moe_utils.MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
 def pytest_collection_modifyitems(config, items):
