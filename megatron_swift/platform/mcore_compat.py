@@ -372,7 +372,7 @@ def _multi_tensor_ops_with_foreach() -> None:
     the host to build the total) and ``local_multi_tensor_scale`` (``dst.copy_(src * scale)``: a
     temporary and a second pass per tensor). ``torch._foreach_norm`` / ``_foreach_mul_`` do the
     same per-tensor arithmetic in one call, the scale in place when source and destination are the
-    same tensors (clipping), and the norm stays a tensor: the same bits (test)."""
+    same fp32 tensors (clipping main grads), and the norm stays a tensor: the same bits (test)."""
     import torch
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
