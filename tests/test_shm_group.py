@@ -19,6 +19,8 @@ def test_every_collective_equals_gloo_and_no_file_is_left():
     assert result["backend"] == "megatron_swift_shm"
     assert result["calls"] > 1000, result["calls"]  # 40 rounds x 4 dtypes x (4 reduce ops + 4 others) + fallbacks
     assert result["differ"] == [], result["differ"]
+    assert result["big_through_gloo"] == 0, result["through_gloo"]  # chunked through shared memory
+    assert result["through_gloo"].get("broadcast", 0) >= 1, result["through_gloo"]  # a strided tensor still does
     assert result["files"] == [], "the shared segment must be unlinked once every rank has mapped it"
 
 

@@ -21,12 +21,16 @@ Correctness rules:
   collective; waits are bounded by the group's timeout.
 - Tensors are written through ``.data``, as gloo writes them: no autograd record, no version bump
   (a collective on a tensor in an autograd graph behaves as with gloo).
-- What this group does not implement (other collectives, other reduce ops, non-contiguous or
-  oversized tensors) goes to a gloo group over the same ranks, synchronously, so ordering holds.
+- All-reduces and broadcasts of tensors larger than a slot run as a sequence of slot-sized
+  collectives over the flat tensor (each chunk double-buffered like any collective).
+- What this group does not implement (other collectives, other reduce ops, non-contiguous tensors,
+  all-gathers / reduce-scatters larger than a slot) goes to a gloo group over the same ranks,
+  synchronously, so ordering holds.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import mmap
@@ -42,7 +46,7 @@ from torch._C._distributed_c10d import _create_work_from_future
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "megatron_swift_shm"
-SEGMENT_BYTES = 32 << 20  # per group: 2 slots x group size; larger tensors go through gloo
+SEGMENT_BYTES = 32 << 20  # per group: 2 slots x group size
 _ALIGN = 64
 _SIGNAL = struct.Struct("<BBQ")  # collective kind, dtype code, bytes
 _KINDS = {"all_reduce": 1, "all_gather_into_tensor": 2, "reduce_scatter_tensor": 3, "broadcast": 4}
@@ -80,6 +84,7 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
         self._gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, timeout)
         self._slot_bytes = (SEGMENT_BYTES // (2 * size)) // _ALIGN * _ALIGN
         self._calls = 0
+        self.fallbacks = collections.Counter()  # collectives handed to gloo, by method (tests, debugging)
         self._segment, path = self._map_segment(store)
         try:
             self._peers = self._connect(store)
@@ -189,19 +194,25 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
         for rank in range(2, self._size):
             reduce(out, self._view(rank, parity, like)[part], out=out)
 
+    def _shareable(self, *tensors: torch.Tensor) -> bool:
+        return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES for t in tensors)
+
     def _fits(self, *tensors: torch.Tensor) -> bool:
-        return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _DTYPES
-                   and t.numel() * t.element_size() <= self._slot_bytes for t in tensors)
+        return self._shareable(*tensors) and all(t.numel() * t.element_size() <= self._slot_bytes for t in tensors)
+
+    def _chunks(self, tensor: torch.Tensor):
+        """The flat tensor in slot-sized views (one view when it fits a slot)."""
+        return tensor.view(-1).split(self._slot_bytes // tensor.element_size())
 
     # -- collectives (the methods torch.distributed calls on a group) -----------------------------
     def allreduce(self, tensors, opts=None):
         op = _op(opts)
-        if len(tensors) != 1 or op not in _REDUCE or not self._fits(tensors[0]) or tensors[0].dtype == torch.bool:
+        if len(tensors) != 1 or op not in _REDUCE or not self._shareable(tensors[0]) or tensors[0].dtype == torch.bool:
             return self._fallback("allreduce", tensors, opts)
-        tensor = tensors[0].data
-        self._view(self._rank, self._calls % 2, tensor).copy_(tensor.view(-1))
-        parity = self._exchange("all_reduce", tensor)
-        self._reduce_slots(op, parity, tensor, slice(None), tensor.view(-1))
+        for chunk in self._chunks(tensors[0].data):
+            self._view(self._rank, self._calls % 2, chunk).copy_(chunk)
+            parity = self._exchange("all_reduce", chunk)
+            self._reduce_slots(op, parity, chunk, slice(None), chunk)
         return _done(tensors)
 
     def all_gather_single(self, output, input, opts=None):
@@ -228,14 +239,14 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
 
     def broadcast(self, tensors, opts=None):
         root = opts.rootRank if opts is not None else 0
-        if len(tensors) != 1 or not self._fits(tensors[0]):
+        if len(tensors) != 1 or not self._shareable(tensors[0]):
             return self._fallback("broadcast", tensors, opts)
-        tensor = tensors[0].data
-        if self._rank == root:
-            self._view(self._rank, self._calls % 2, tensor).copy_(tensor.view(-1))
-        parity = self._exchange("broadcast", tensor)
-        if self._rank != root:
-            tensor.view(-1).copy_(self._view(root, parity, tensor))
+        for chunk in self._chunks(tensors[0].data):
+            if self._rank == root:
+                self._view(self._rank, self._calls % 2, chunk).copy_(chunk)
+            parity = self._exchange("broadcast", chunk)
+            if self._rank != root:
+                chunk.copy_(self._view(root, parity, chunk))
         return _done(tensors)
 
     # Coalesced variants: one collective per tensor (each is cheap here; order is kept).
@@ -260,6 +271,7 @@ class SharedMemoryProcessGroup(dist.ProcessGroup):
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
     def _fallback(self, method: str, *args):
+        self.fallbacks[method] += 1
         return _on_gloo(self, method, *[a for a in args if a is not None])
 
     def getBackendName(self) -> str:

@@ -25,7 +25,7 @@ def report(result: dict) -> None:
         print(json.dumps(result), flush=True)
 
 
-def compare_ops(shm, gloo) -> dict:
+def compare_ops(shm, gloo, backend) -> dict:
     """Each collective on both groups with the same inputs; names of those that differ."""
     rank, size = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(1234 + rank)
@@ -80,14 +80,25 @@ def compare_ops(shm, gloo) -> dict:
                     return [y]
                 check(f"broadcast from {root} {dtype} {n}", broadcast)
 
-    # through gloo inside the shared-memory group: lists, objects, oversized and strided tensors
-    big = torch.randn(shm_group.SEGMENT_BYTES // 4, generator=gen)  # > one slot
+    # larger than a slot (several slots and a remainder): chunked through shared memory, not gloo
+    handed_to_gloo = sum(backend.fallbacks.values())
+    big = torch.randn(shm_group.SEGMENT_BYTES // 4 + 3, generator=gen)
+    for dtype, op in ((torch.float32, dist.ReduceOp.SUM), (torch.bfloat16, dist.ReduceOp.MAX),
+                      (torch.float64, dist.ReduceOp.SUM)):
+        def big_all_reduce(group, dtype=dtype, op=op):
+            y = big.to(dtype)
+            dist.all_reduce(y, op=op, group=group)
+            return [y]
+        check(f"all_reduce {op} {dtype} larger than a slot", big_all_reduce)
 
-    def big_all_reduce(group):
+    def big_broadcast(group):
         y = big.clone()
-        dist.all_reduce(y, group=group)
+        dist.broadcast(y, group_src=1, group=group)
         return [y]
-    check("all_reduce larger than a slot", big_all_reduce)
+    check("broadcast larger than a slot", big_broadcast)
+    big_through_gloo = sum(backend.fallbacks.values()) - handed_to_gloo
+
+    # through gloo inside the shared-memory group: lists, objects, strided tensors
 
     strided = torch.randn(64, 8, generator=gen).t()
 
@@ -132,7 +143,8 @@ def compare_ops(shm, gloo) -> dict:
     check("all_reduce_coalesced", coalesced)
 
     dist.barrier(group=shm)
-    return {"differ": differ, "calls": calls}
+    return {"differ": differ, "calls": calls, "big_through_gloo": big_through_gloo,
+            "through_gloo": dict(backend.fallbacks)}
 
 
 def main() -> None:
@@ -153,11 +165,14 @@ def main() -> None:
                 "files": shm_files()})
         destroy_parallel()
         return
+    created = []  # the group objects this rank builds (their gloo hand-off counts)
+    build = shm_group._create
+    shm_group._create = lambda *args: created.append(build(*args)) or created[-1]
     shm_group.register()
     shm = dist.new_group([0, 1], backend=shm_group.BACKEND_NAME, timeout=timeout)
     files_after_setup = shm_files()
     if scenario == "ops":
-        report({**compare_ops(shm, dist.group.WORLD), "files": files_after_setup,
+        report({**compare_ops(shm, dist.group.WORLD, created[0]), "files": files_after_setup,
                 "backend": dist.get_backend(shm)})
     elif scenario == "mismatch":
         try:
