@@ -145,17 +145,18 @@ class THDDotProductAttention(DotProductAttention):
         # One split per tensor, not a slice per sequence: a slice's backward writes its gradient into
         # a zero tensor of the whole row (sequences x row size of memory traffic), a split's backward
         # is one concatenation.
+        # pieces alternate: a sequence's real tokens, then the padding rows up to the next offset
         sizes = [n for seg, padding in _spans(starts, real) for n in ((seg.stop - seg.start) if seg else 0, padding)]
-        pieces = (t.split(sizes, dim=0) for t in (query, key, value))
+        qs, ks, vs = (t.split(sizes, dim=0) for t in (query, key, value))
         outputs = []
-        for i, (q, k, v) in enumerate(zip(*pieces)):
-            if i % 2 == 0 and q.size(0):  # a sequence's real tokens: [s, heads, dim] -> [1, heads, s, dim]
+        for q, k, v, padding in zip(qs[0::2], ks[0::2], vs[0::2], qs[1::2]):
+            if q.size(0):  # [s, heads, dim] -> [1, heads, s, dim]
                 # with a batch dimension the CPU backend takes its flash kernel (3-D: math)
                 out = torch.nn.functional.scaled_dot_product_attention(
                     q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
                     is_causal=True, scale=scale, enable_gqa=gqa)
                 outputs.append(out.squeeze(0).transpose(0, 1))
-            elif i % 2 == 1 and q.size(0):  # padding rows up to the next sequence's offset
-                outputs.append(q.new_zeros(q.size(0), q.size(1), value.size(-1)))
+            if padding.size(0):
+                outputs.append(padding.new_zeros(padding.size(0), padding.size(1), value.size(-1)))
         out = torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0]
         return out.reshape(query.size(0), self.hidden_size_per_partition)
